@@ -1,0 +1,1 @@
+"""CUDA sources shipped with tinylm (see tinylm.cuda)."""

@@ -1,0 +1,99 @@
+"""Which array module tinylm computes with: NumPy on the CPU, CuPy on a GPU.
+
+Every layer in tinylm is written against an *array module* called ``xp``. NumPy
+and CuPy share one API, so the same lines run on either: a layer asks its
+inputs which module they live in (``xp = get_array_module(x)``) and calls
+``xp.exp``, ``xp.matmul``, ... on it. Nothing else in the layers changes.
+
+This file is the one place that knows about CuPy. It imports CuPy only when
+the GPU is asked for, so ``import tinylm`` works on a machine without it.
+
+    set_backend("numpy")   # the default
+    set_backend("cupy")    # new arrays (model weights, batches) go to the GPU
+    xp = get_array_module(x)  # the module an existing array belongs to
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_BACKENDS = ("numpy", "cupy")
+_DEVICES = {"cpu": "numpy", "gpu": "cupy", "numpy": "numpy", "cupy": "cupy"}
+_current = "numpy"
+
+INSTALL_HINT = (
+    'install CuPy for your CUDA version: pip install -e ".[cuda12]" or pip install -e ".[cuda13]"'
+)
+
+
+def _import_cupy():
+    """Import CuPy and check that a CUDA device is present; explain what is missing if not."""
+    try:
+        import cupy
+    except ImportError as err:
+        raise RuntimeError(f"the GPU was requested but CuPy is not installed; {INSTALL_HINT}") from err
+    try:
+        n_devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:  # CuPy raises its own CUDARuntimeError when no driver is found
+        raise RuntimeError(
+            f"the GPU was requested but CUDA found no usable device ({err}); "
+            "run on a machine with an NVIDIA GPU and driver, or use the CPU"
+        ) from err
+    if n_devices == 0:
+        raise RuntimeError("the GPU was requested but CUDA reports 0 devices; use the CPU")
+    return cupy
+
+
+def backend_name(device: str) -> str:
+    """Map a device or backend name ("cpu", "gpu", "numpy", "cupy") to a backend name."""
+    if device not in _DEVICES:
+        raise ValueError(f"device must be one of 'cpu' or 'gpu', got {device!r}")
+    return _DEVICES[device]
+
+
+def set_backend(name: str) -> None:
+    """Choose where new arrays are made: "numpy" (CPU) or "cupy" (GPU); "cpu"/"gpu" also work."""
+    global _current
+    name = backend_name(name)
+    if name == "cupy":
+        _import_cupy()
+    _current = name
+
+
+def get_backend() -> str:
+    """The current backend's name: "numpy" or "cupy"."""
+    return _current
+
+
+def xp_for(name: str | None = None):
+    """The array module of a backend (the current one by default)."""
+    name = _current if name is None else backend_name(name)
+    return _import_cupy() if name == "cupy" else np
+
+
+def is_cupy_array(x) -> bool:
+    """True for a CuPy array, found without importing CuPy."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(*arrays):
+    """The module (numpy or cupy) that the given arrays live in; numpy when none is on the GPU."""
+    for a in arrays:
+        if is_cupy_array(a):
+            import cupy
+
+            return cupy
+    return np
+
+
+def to_numpy(x) -> np.ndarray:
+    """Copy an array to the host as a NumPy array (a no-op view for NumPy input)."""
+    return x.get() if is_cupy_array(x) else np.asarray(x)
+
+
+def to_backend(x, name: str | None = None):
+    """Move a NumPy or CuPy array to the given backend (the current one by default)."""
+    xp = xp_for(name)
+    if xp is np:
+        return to_numpy(x)
+    return xp.asarray(x)

@@ -1,0 +1,515 @@
+"""The layers of a GPT, each a pair of functions: a forward pass and its hand-written backward.
+
+The convention is CS231n's:
+
+    out, cache = x_forward(inputs...)        # cache holds what the backward needs
+    dinputs... = x_backward(dout, cache)     # gradients of the inputs, in input order
+
+where ``dout`` is dL/dout, the gradient of the final scalar loss L with respect to
+this layer's output, and each returned gradient has the shape of its input.
+Every backward quotes the forward formula it differentiates and the result.
+
+Shape legend (used in every comment):
+    B batch, T time (sequence length), C channels (n_embd), V vocabulary,
+    H heads, D head size (C = H * D), N any number of leading positions.
+
+Every function is written against an array module ``xp`` taken from its inputs,
+so the same lines run on NumPy (CPU) and CuPy (GPU); see tinylm/backend.py.
+Constants are Python floats, so float32 inputs stay float32 (NumPy 2 would
+promote a float32 array times a float64 *NumPy* scalar to float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tinylm.backend import get_array_module
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+# ---------------------------------------------------------------------------
+# Input checks: every public function names the argument, what it expected and what came.
+# ---------------------------------------------------------------------------
+
+
+def _check_float(name, x):
+    if not hasattr(x, "dtype") or x.dtype not in FLOAT_DTYPES:
+        got = getattr(x, "dtype", type(x).__name__)
+        raise TypeError(f"{name} must be a float32 or float64 array, got {got}")
+
+
+def _check_int(name, x):
+    if not hasattr(x, "dtype") or x.dtype.kind not in "iu":
+        got = getattr(x, "dtype", type(x).__name__)
+        raise TypeError(f"{name} must be an integer array of token ids, got {got}")
+
+
+def _check_ndim(name, x, ndim, shape_text):
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have shape {shape_text}, got shape {tuple(x.shape)}")
+
+
+# ---------------------------------------------------------------------------
+# Embedding: a table lookup.
+# ---------------------------------------------------------------------------
+
+
+def embedding_forward(idx, W):
+    """Look up one row of W per token id.
+
+    Inputs:  idx integer (B, T) (any integer shape works), W (V, C).
+    Returns: out (B, T, C) with out[b, t] = W[idx[b, t]], and the cache.
+
+    The lookup is the same as one_hot(idx) @ W, without building the one-hot matrix.
+    """
+    _check_int("idx", idx)
+    _check_float("W", W)
+    _check_ndim("W", W, 2, "(V, C)")
+    xp = get_array_module(idx, W)
+    V = W.shape[0]
+    if idx.size:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"idx: token ids must be in [0, {V}) for a vocabulary of {V}, got {bad}")
+    out = xp.take(W, idx, axis=0)  # (B, T, C)
+    cache = (idx, W.shape, W.dtype)
+    return out, cache
+
+
+def embedding_backward(dout, cache):
+    """Gradient of the lookup with respect to the table.
+
+    Forward:  out[b, t, :] = W[idx[b, t], :]   (= one_hot(idx) @ W)
+    Backward: dW[v, :] = sum over (b, t) with idx[b, t] = v of dout[b, t, :]
+              (= one_hot(idx)^T @ dout): a scatter-add, so repeated ids accumulate.
+    Returns dW (V, C). There is no gradient for the integer ids.
+    """
+    idx, W_shape, W_dtype = cache
+    xp = get_array_module(dout, idx)
+    C = W_shape[1]
+    dW = xp.zeros(W_shape, dtype=W_dtype)
+    # add.at adds once per occurrence; plain dW[idx] += dout would keep only the last write.
+    xp.add.at(dW, idx.reshape(-1), dout.reshape(-1, C))
+    return dW
+
+
+def sinusoidal_positions(T, C, dtype=np.float64):
+    """The fixed positional encoding of "Attention Is All You Need" as a NumPy array (T, C).
+
+        PE[pos, 2i]   = sin(pos / 10000^(2i / C))
+        PE[pos, 2i+1] = cos(pos / 10000^(2i / C))
+
+    Each pair of channels is a clock of its own wavelength, from 2*pi up to 10000*2*pi.
+    It has no parameters, so it has no backward. An odd C drops the last cosine.
+    """
+    if int(T) != T or T < 1 or int(C) != C or C < 1:
+        raise ValueError(f"sinusoidal_positions needs positive integers T and C, got T={T}, C={C}")
+    pos = np.arange(T, dtype=np.float64)[:, None]  # (T, 1)
+    two_i = np.arange(0, C, 2, dtype=np.float64)[None, :]  # (1, ceil(C/2))
+    angle = pos / 10000.0 ** (two_i / C)  # (T, ceil(C/2))
+    pe = np.zeros((T, C), dtype=np.float64)
+    pe[:, 0::2] = np.sin(angle)
+    pe[:, 1::2] = np.cos(angle[:, : C // 2])
+    return pe.astype(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Linear (affine) layer.
+# ---------------------------------------------------------------------------
+
+
+def linear_forward(x, W, b=None):
+    """out = x @ W + b.
+
+    Inputs:  x (..., Cin), W (Cin, Cout) (the layout of GPT-2's checkpoints), b (Cout,) or None.
+    Returns: out (..., Cout), and the cache (x, W, has_bias).
+    """
+    _check_float("x", x)
+    _check_float("W", W)
+    _check_ndim("W", W, 2, "(Cin, Cout)")
+    if x.shape[-1] != W.shape[0]:
+        raise ValueError(
+            f"x: last dimension must equal W's first (Cin = {W.shape[0]}), "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    out = x @ W  # (..., Cin) @ (Cin, Cout) -> (..., Cout)
+    if b is not None:
+        _check_float("b", b)
+        if b.shape != (W.shape[1],):
+            raise ValueError(f"b must have shape ({W.shape[1]},), got {tuple(b.shape)}")
+        out += b
+    return out, (x, W, b is not None)
+
+
+def linear_backward(dout, cache):
+    """Gradients of out = x @ W + b.
+
+    Forward:  out[n, j] = sum_i x[n, i] W[i, j] + b[j]      (n runs over all leading positions)
+    Backward: dx = dout @ W^T                  (..., Cout) @ (Cout, Cin) -> (..., Cin)
+              dW = x^T @ dout, summed over n   (Cin, N) @ (N, Cout)     -> (Cin, Cout)
+              db = sum_n dout[n, :]                                     -> (Cout,)
+    Returns (dx, dW, db); db is None when the forward had no bias.
+    """
+    x, W, has_bias = cache
+    Cin, Cout = W.shape
+    dout2 = dout.reshape(-1, Cout)  # (N, Cout)
+    x2 = x.reshape(-1, Cin)  # (N, Cin)
+    dx = dout @ W.T
+    dW = x2.T @ dout2
+    db = dout2.sum(axis=0) if has_bias else None
+    return dx, dW, db
+
+
+# ---------------------------------------------------------------------------
+# Layer normalisation over the last axis.
+# ---------------------------------------------------------------------------
+
+
+def layernorm_forward(x, gamma, beta, eps=1e-5):
+    """Normalise each position over its C channels, then scale and shift.
+
+        mu   = mean_c x                       (..., 1)
+        rstd = 1 / sqrt(mean_c (x - mu)^2 + eps)
+        xhat = (x - mu) * rstd
+        out  = gamma * xhat + beta            gamma, beta (C,)
+
+    The cache keeps x, gamma, mu and rstd, which is all the backward needs (xhat is
+    recomputed there from them, as llm.c does, instead of storing a second (..., C) tensor).
+    """
+    _check_float("x", x)
+    _check_float("gamma", gamma)
+    _check_float("beta", beta)
+    C = x.shape[-1]
+    if gamma.shape != (C,) or beta.shape != (C,):
+        raise ValueError(
+            f"gamma and beta must have shape ({C},) to match x's last dimension, "
+            f"got {tuple(gamma.shape)} and {tuple(beta.shape)}"
+        )
+    xp = get_array_module(x)
+    mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    xc = x - mu  # (..., C)
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1), the biased variance
+    rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
+    out = xc * rstd * gamma + beta  # (..., C)
+    return out, (x, gamma, mu, rstd)
+
+
+def layernorm_backward(dout, cache):
+    """Gradients of out = gamma * xhat + beta with xhat = (x - mu) * rstd.
+
+    Forward:  out = gamma * xhat + beta
+    Backward: dbeta  = sum over positions of dout                        (C,)
+              dgamma = sum over positions of dout * xhat                 (C,)
+              dxhat  = dout * gamma                                      (..., C)
+              dx     = rstd * (dxhat - mean_c(dxhat) - xhat * mean_c(dxhat * xhat))
+    The last line is the chain rule through mu and rstd, which depend on every channel:
+    the first term is the direct path, the second removes the part that moved the mean,
+    the third the part that changed the variance (derivation in docs/math.md).
+    """
+    x, gamma, mu, rstd = cache
+    C = x.shape[-1]
+    xhat = (x - mu) * rstd  # (..., C)
+    dbeta = dout.reshape(-1, C).sum(axis=0)
+    dgamma = (dout * xhat).reshape(-1, C).sum(axis=0)
+    dxhat = dout * gamma
+    dx = rstd * (
+        dxhat
+        - dxhat.mean(axis=-1, keepdims=True)
+        - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    )
+    return dx, dgamma, dbeta
+
+
+# ---------------------------------------------------------------------------
+# Nonlinearities.
+# ---------------------------------------------------------------------------
+
+_GELU_K = math.sqrt(2.0 / math.pi)  # a Python float, so float32 stays float32
+_GELU_A = 0.044715
+
+
+def gelu_forward(x):
+    """GELU, the tanh approximation that GPT-2 uses.
+
+        u   = sqrt(2/pi) * (x + 0.044715 x^3)
+        out = 0.5 x (1 + tanh(u))
+    The cache holds x and tanh(u), both needed by the derivative.
+    """
+    _check_float("x", x)
+    xp = get_array_module(x)
+    tanh_u = xp.tanh(_GELU_K * (x + _GELU_A * x * x * x))
+    out = 0.5 * x * (1.0 + tanh_u)
+    return out, (x, tanh_u)
+
+
+def gelu_backward(dout, cache):
+    """Gradient of out = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+
+    By the product rule, with d tanh(u)/du = 1 - tanh(u)^2 and du/dx = sqrt(2/pi)(1 + 3*0.044715 x^2):
+        dout/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3*0.044715 x^2)
+        dx = dout * dout/dx
+    """
+    x, tanh_u = cache
+    dudx = _GELU_K * (1.0 + 3.0 * _GELU_A * x * x)
+    local = 0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u * tanh_u) * dudx
+    return dout * local
+
+
+def relu_forward(x):
+    """out = max(x, 0). The cache keeps the mask x > 0."""
+    _check_float("x", x)
+    mask = x > 0
+    return x * mask, mask
+
+
+def relu_backward(dout, cache):
+    """Forward out = max(x, 0), so dx = dout where x > 0 and 0 elsewhere (0 at x = 0 by choice)."""
+    return dout * cache
+
+
+# ---------------------------------------------------------------------------
+# Softmax.
+# ---------------------------------------------------------------------------
+
+
+def softmax_forward(x, axis=-1):
+    """Numerically stable softmax along one axis.
+
+        out_i = exp(x_i - m) / sum_j exp(x_j - m),  m = max_j x_j
+
+    Subtracting the max changes nothing mathematically (it cancels) but keeps exp from
+    overflowing. A row that is entirely -inf (every position masked) gives zeros, not NaN:
+    its max is replaced by 0, so every exp is exp(-inf) = 0 and the row sum is 0.
+    """
+    _check_float("x", x)
+    xp = get_array_module(x)
+    m = x.max(axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)  # -inf rows: subtract 0 instead of -inf (no inf - inf)
+    e = xp.exp(x - m)
+    s = e.sum(axis=axis, keepdims=True)
+    out = e / xp.where(s == 0, 1.0, s)
+    return out, (out, axis)
+
+
+def softmax_backward(dout, cache):
+    """Gradient through y = softmax(x).
+
+    Forward:  y_i = exp(x_i) / sum_j exp(x_j)
+    Jacobian: dy_i/dx_j = y_i (delta_ij - y_j)
+    Backward: dx_j = sum_i dout_i y_i (delta_ij - y_j) = y_j (dout_j - sum_i dout_i y_i)
+    A fully masked row has y = 0, so its gradient is 0.
+    """
+    y, axis = cache
+    return y * (dout - (dout * y).sum(axis=axis, keepdims=True))
+
+
+# ---------------------------------------------------------------------------
+# Scaled dot-product attention with causal and key-padding masks.
+# ---------------------------------------------------------------------------
+
+
+def attention_mask(Tq, Tk, causal=True, key_padding_mask=None, xp=np):
+    """Which keys each query may attend to, as a boolean array (True = allowed).
+
+    Returns (Tq, Tk) without a padding mask, else (B, 1, Tq, Tk) to broadcast over heads.
+    Query i sits at absolute position Tk - Tq + i (so Tq < Tk is generation with cached
+    keys), and when causal it sees keys j <= Tk - Tq + i: the past and itself.
+    key_padding_mask (B, Tk) marks padded keys with True; nobody may attend to them.
+    """
+    allowed = xp.ones((Tq, Tk), dtype=bool)
+    if causal:
+        allowed = xp.tril(allowed, k=Tk - Tq)
+    if key_padding_mask is not None:
+        allowed = allowed[None, None, :, :] & ~key_padding_mask[:, None, None, :]
+    return allowed
+
+
+def _check_attention_inputs(q, k, v, causal, key_padding_mask):
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, a)
+        _check_ndim(name, a, 4, "(B, H, T, D)")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+    B, H, Tq, D = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
+        raise ValueError(
+            f"q and k must agree in batch, heads and head size (B, H, ., D), "
+            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    Tk = k.shape[2]
+    if causal and Tq > Tk:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={Tq}, Tk={Tk}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != bool:
+            raise TypeError(f"key_padding_mask must be a bool array, got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, Tk):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, Tk) = ({B}, {Tk}), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+
+
+def attention_forward(q, k, v, causal=True, key_padding_mask=None, use_kernel=True):
+    """Attention(Q, K, V) = softmax(Q K^T / sqrt(D) + mask) V, for every batch and head at once.
+
+    Inputs:  q (B, H, Tq, D); k, v (B, H, Tk, D) (Tq = Tk = T in training);
+             causal: query i sees only keys up to its own position;
+             key_padding_mask: bool (B, Tk), True marks a padded key no query may attend to.
+             use_kernel: on the GPU, use the fused CUDA kernel (tinylm/cuda.py) when it
+             supports the input; the CuPy reference below is then skipped.
+    Returns: out (B, H, Tq, D) and the cache. A query with no allowed key gets output 0.
+
+        S = Q K^T * scale          (B, H, Tq, Tk), scale = 1/sqrt(D)
+        S = -inf where masked
+        P = softmax(S) over keys   (B, H, Tq, Tk)
+        O = P V                    (B, H, Tq, D)
+    """
+    _check_attention_inputs(q, k, v, causal, key_padding_mask)
+    xp = get_array_module(q, k, v)
+    if xp is not np and use_kernel:
+        from tinylm import cuda
+
+        if cuda.kernel_supports(q, k, v, causal, key_padding_mask):
+            out, lse = cuda.flash_attention_forward(
+                q, k, v, causal=causal, key_padding_mask=key_padding_mask
+            )
+            return out, ("kernel", q, k, v, out, lse, causal, key_padding_mask)
+
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D)
+    scores = (q @ k.swapaxes(-1, -2)) * scale  # (B,H,Tq,D) @ (B,H,D,Tk) -> (B,H,Tq,Tk)
+    if causal or key_padding_mask is not None:
+        allowed = attention_mask(q.shape[2], k.shape[2], causal, key_padding_mask, xp)
+        scores = xp.where(allowed, scores, -xp.inf)
+    probs, _ = softmax_forward(scores, axis=-1)  # (B, H, Tq, Tk)
+    out = probs @ v  # (B,H,Tq,Tk) @ (B,H,Tk,D) -> (B,H,Tq,D)
+    return out, ("reference", q, k, v, probs, scale)
+
+
+def attention_backward(dout, cache):
+    """Gradients of O = softmax(Q K^T * scale + mask) V.
+
+    Forward:  S = scale * Q K^T,  P = softmax(S),  O = P V
+    Backward: dV = P^T dO                                (B,H,Tk,Tq) @ (B,H,Tq,D)
+              dP = dO V^T                                (B,H,Tq,D) @ (B,H,D,Tk)
+              dS = P * (dP - rowsum(dP * P))             softmax backward, row by row
+              dQ = scale * dS K                          (B,H,Tq,Tk) @ (B,H,Tk,D)
+              dK = scale * dS^T Q                        (B,H,Tk,Tq) @ (B,H,Tq,D)
+    Masked entries have P = 0, so dS = 0 there: no gradient flows through a mask.
+    Returns (dq, dk, dv).
+    """
+    if cache[0] == "kernel":
+        from tinylm import cuda
+
+        _, q, k, v, out, lse, causal, key_padding_mask = cache
+        return cuda.flash_attention_backward(
+            dout, q, k, v, out, lse, causal=causal, key_padding_mask=key_padding_mask
+        )
+    _, q, k, v, probs, scale = cache
+    dv = probs.swapaxes(-1, -2) @ dout
+    dprobs = dout @ v.swapaxes(-1, -2)
+    dscores = softmax_backward(dprobs, (probs, -1))
+    dq = (dscores @ k) * scale
+    dk = (dscores.swapaxes(-1, -2) @ q) * scale
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------
+# Cross-entropy loss, fused with the softmax.
+# ---------------------------------------------------------------------------
+
+
+def cross_entropy_forward(logits, targets, ignore_index=-100):
+    """Mean negative log-likelihood of the targets under softmax(logits).
+
+    Inputs:  logits (..., V); targets integer with the leading shape of logits (...);
+             positions whose target equals ignore_index count for nothing.
+    Returns: loss (a 0-d array), the mean over counted positions of
+                 -log p[target],  log p = logits - logsumexp(logits)
+             computed with logsumexp(z) = m + log(sum exp(z - m)), m = max z, so logits of
+             size 1e4 neither overflow nor lose the answer. The loss is 0 when every target
+             is ignored (nothing to average, and nothing to learn from).
+    """
+    _check_float("logits", logits)
+    _check_int("targets", targets)
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"targets must have the shape of logits without its last axis, "
+            f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    xp = get_array_module(logits, targets)
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)  # (N, V)
+    y = targets.reshape(-1)  # (N,)
+    counted = y != ignore_index  # (N,)
+    if y.size:
+        y_counted = y[counted]
+        if y_counted.size and (int(y_counted.min()) < 0 or int(y_counted.max()) >= V):
+            bad = int(y_counted.min()) if int(y_counted.min()) < 0 else int(y_counted.max())
+            raise ValueError(
+                f"targets must be in [0, {V}) or equal ignore_index={ignore_index}, got {bad}"
+            )
+    y_safe = xp.where(counted, y, 0)  # any valid column for ignored rows; they are zeroed below
+
+    m = z.max(axis=-1, keepdims=True)  # (N, 1)
+    e = xp.exp(z - m)  # (N, V), every entry in (0, 1]
+    sum_e = e.sum(axis=-1, keepdims=True)  # (N, 1)
+    lse = m + xp.log(sum_e)  # (N, 1), logsumexp(z)
+    logp_target = xp.take_along_axis(z, y_safe[:, None], axis=-1) - lse  # (N, 1)
+    n_counted = int(counted.sum())
+    weight = counted.astype(z.dtype) / max(n_counted, 1)  # (N,), 1/n for counted rows, else 0
+    loss = -(logp_target[:, 0] * weight).sum()
+    probs = e / sum_e  # (N, V), softmax(z), kept for the backward
+    return loss, (probs, y_safe, weight, logits.shape)
+
+
+def cross_entropy_backward(dloss, cache):
+    """Gradient of the mean cross-entropy with respect to the logits.
+
+    Forward:  L = (1/n) sum_counted -log softmax(z_r)[y_r]
+    Backward: the softmax and the log fuse into one clean formula,
+                  dL/dz_r = (p_r - onehot(y_r)) / n      for a counted row r, 0 for an ignored one,
+              with p_r = softmax(z_r); dlogits = dloss * dL/dz, reshaped like the logits.
+    """
+    probs, y_safe, weight, logits_shape = cache
+    xp = get_array_module(probs)
+    dz = probs.copy()  # (N, V)
+    rows = xp.arange(dz.shape[0])
+    dz[rows, y_safe] -= 1.0  # p - onehot(y)
+    dz *= (weight * dloss)[:, None]
+    return dz.reshape(logits_shape)
+
+
+# ---------------------------------------------------------------------------
+# Dropout.
+# ---------------------------------------------------------------------------
+
+
+def dropout_forward(x, p, rng):
+    """Inverted dropout: zero each entry with probability p and scale the rest by 1/(1-p).
+
+        keep ~ Bernoulli(1 - p),  out = x * keep / (1 - p)
+    so E[out] = x and nothing needs rescaling at evaluation time. p = 0 is the identity.
+    rng is a numpy.random.Generator (the mask is drawn on the host and moved with x).
+    """
+    _check_float("x", x)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    if p == 0.0:
+        return x, None
+    xp = get_array_module(x)
+    keep = rng.random(x.shape) >= p  # (x.shape) bool, True with probability 1 - p
+    scaled_mask = xp.asarray(keep.astype(x.dtype) * (1.0 / (1.0 - p)))
+    return x * scaled_mask, scaled_mask
+
+
+def dropout_backward(dout, cache):
+    """Forward out = x * keep / (1 - p), so dx = dout * keep / (1 - p) (the identity when p = 0)."""
+    scaled_mask = cache
+    return dout if scaled_mask is None else dout * scaled_mask

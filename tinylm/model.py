@@ -1,0 +1,438 @@
+"""The GPT-2 model, assembled from the layers in tinylm/layers.py, with its backward pass.
+
+    idx (B, T) token ids
+      -> x = wte[idx] + wpe[0..T-1]                  token + position embeddings  (B, T, C)
+      -> n_layer blocks, each (pre-LayerNorm, residual):
+             x = x + attn(ln_1(x))                   causal multi-head self-attention
+             x = x + mlp(ln_2(x))                    Linear(C, 4C) -> GELU -> Linear(4C, C)
+      -> logits = ln_f(x) @ wte^T                    (B, T, V), the output weights tied to wte
+      -> loss = cross_entropy(logits, targets)
+
+The forward keeps every layer's cache; ``backward()`` walks the same path in reverse,
+calling each layer's backward with the gradient flowing in, and returns the gradient
+of the mean loss for every parameter. The parameters are one flat dict whose names and
+shapes are those of GPT-2's checkpoints (without the ``transformer.`` prefix).
+
+Shape legend: B batch, T time, C n_embd, V vocab_size, H n_head, D = C / H head size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tinylm import layers
+from tinylm.backend import backend_name, get_array_module, to_backend, to_numpy, xp_for
+
+
+@dataclass
+class GPTConfig:
+    """The hyperparameters of a GPT, named as in GPT-2 and nanoGPT."""
+
+    vocab_size: int
+    block_size: int  # the longest sequence the model reads (its context window)
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True  # biases in the linear layers and LayerNorms (GPT-2 has them)
+    positions: str = "learned"  # "learned" (GPT-2's wpe) or "sinusoidal" (fixed, no parameters)
+    tie_weights: bool = True  # logits = ln_f(x) @ wte^T, the output layer shares the embedding
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd must be divisible by n_head, got n_embd={self.n_embd} "
+                f"and n_head={self.n_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.positions not in ("learned", "sinusoidal"):
+            raise ValueError(
+                f"GPTConfig.positions must be 'learned' or 'sinusoidal', got {self.positions!r}"
+            )
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(
+                f"GPTConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def init_params(config: GPTConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """GPT-2's initialisation, in float64 NumPy from one seeded Generator (the same on any device).
+
+    Weights ~ Normal(0, 0.02); the two projections that write into the residual stream
+    (attn.c_proj, mlp.c_proj) use 0.02 / sqrt(2 * n_layer), so the residual sum of 2*n_layer
+    branches keeps its variance; biases 0; LayerNorm gains 1.
+    """
+    rng = np.random.default_rng(seed)
+    C, V = config.n_embd, config.vocab_size
+    std = 0.02
+    std_residual = 0.02 / math.sqrt(2 * config.n_layer)
+
+    def normal(shape, s=std):
+        return rng.normal(0.0, s, size=shape)
+
+    p = {"wte.weight": normal((V, C))}
+    if config.positions == "learned":
+        p["wpe.weight"] = normal((config.block_size, C))
+    for i in range(config.n_layer):
+        h = f"h.{i}."
+        p[h + "ln_1.weight"] = np.ones(C)
+        p[h + "ln_1.bias"] = np.zeros(C)
+        p[h + "attn.c_attn.weight"] = normal((C, 3 * C))
+        p[h + "attn.c_attn.bias"] = np.zeros(3 * C)
+        p[h + "attn.c_proj.weight"] = normal((C, C), std_residual)
+        p[h + "attn.c_proj.bias"] = np.zeros(C)
+        p[h + "ln_2.weight"] = np.ones(C)
+        p[h + "ln_2.bias"] = np.zeros(C)
+        p[h + "mlp.c_fc.weight"] = normal((C, 4 * C))
+        p[h + "mlp.c_fc.bias"] = np.zeros(4 * C)
+        p[h + "mlp.c_proj.weight"] = normal((4 * C, C), std_residual)
+        p[h + "mlp.c_proj.bias"] = np.zeros(C)
+    p["ln_f.weight"] = np.ones(C)
+    p["ln_f.bias"] = np.zeros(C)
+    if not config.tie_weights:
+        p["lm_head.weight"] = normal((V, C))
+    if not config.bias:
+        # Without biases the linear layers have none and the LayerNorms keep only their gain.
+        p = {k: a for k, a in p.items() if not k.endswith(".bias")}
+    return p
+
+
+class GPT:
+    """A GPT-2 style language model with a hand-written backward pass.
+
+        model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128))
+        logits, loss = model.forward(idx, targets)   # idx, targets: integer (B, T)
+        grads = model.backward()                     # dict like model.params
+    """
+
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        self.device = "cpu"
+        self.training = True  # dropout is applied only while training
+        self.dropout_rng = np.random.default_rng(seed + 1)  # its own stream, apart from init
+        self.params = {k: a.astype(self.dtype) for k, a in init_params(config, seed).items()}
+        self._pe = None
+        if config.positions == "sinusoidal":
+            self._pe = layers.sinusoidal_positions(config.block_size, config.n_embd, self.dtype)
+        self._caches = None
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    @property
+    def xp(self):
+        return xp_for("cupy" if self.device == "gpu" else "numpy")
+
+    def num_params(self) -> int:
+        """The number of trainable scalars (the tied output layer counts once)."""
+        return int(sum(a.size for a in self.params.values()))
+
+    def to(self, device: str) -> GPT:
+        """Move the parameters to "cpu" (NumPy) or "gpu" (CuPy), in place; returns self."""
+        name = backend_name(device)
+        for k in self.params:
+            self.params[k] = to_backend(self.params[k], name)
+        if self._pe is not None:
+            self._pe = to_backend(self._pe, name)
+        self.device = "gpu" if name == "cupy" else "cpu"
+        self._caches = None
+        return self
+
+    def train(self) -> GPT:
+        self.training = True
+        return self
+
+    def eval(self) -> GPT:
+        self.training = False
+        return self
+
+    def _check_idx(self, idx, name="idx"):
+        if not hasattr(idx, "dtype") or idx.dtype.kind not in "iu":
+            got = getattr(idx, "dtype", type(idx).__name__)
+            raise TypeError(f"{name} must be an integer array of token ids, got {got}")
+        if idx.ndim != 2:
+            raise ValueError(f"{name} must have shape (B, T), got shape {tuple(idx.shape)}")
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(
+                f"{name}: sequence length {idx.shape[1]} is longer than "
+                f"block_size={self.config.block_size}"
+            )
+        if idx.shape[1] == 0:
+            raise ValueError(f"{name} must hold at least one token per sequence, got T = 0")
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _dropout(self, x, caches, key):
+        p = self.config.dropout if self.training else 0.0
+        out, cache = layers.dropout_forward(x, p, self.dropout_rng)
+        if caches is not None:
+            caches[key] = cache
+        return out
+
+    def _embed(self, idx, pos0, caches):
+        """x = wte[idx] + position(pos0 .. pos0+T-1)   (B, T, C)."""
+        xp = get_array_module(self.params["wte.weight"])
+        T = idx.shape[1]
+        x, cache = layers.embedding_forward(idx, self.params["wte.weight"])  # (B, T, C)
+        if caches is not None:
+            caches["wte"] = cache
+        pos = xp.arange(pos0, pos0 + T)  # (T,)
+        if self.config.positions == "learned":
+            x_pos, cache = layers.embedding_forward(pos, self.params["wpe.weight"])  # (T, C)
+            if caches is not None:
+                caches["wpe"] = cache
+        else:
+            x_pos = self._pe[pos0 : pos0 + T]  # (T, C), fixed
+        return self._dropout(x + x_pos, caches, "drop_emb")  # (B, T, C) + (T, C) broadcasts
+
+    def _block(self, x, i, caches, kv_cache=None):
+        """One transformer block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)).
+
+        kv_cache, when given, is a dict holding this layer's keys and values of the tokens
+        seen so far (generation); the new keys and values are appended to it.
+        """
+        P, h, cfg = self.params, f"h.{i}.", self.config
+        c = {} if caches is not None else None
+        xp = get_array_module(x)
+        B, T, C = x.shape
+        H, D = cfg.n_head, cfg.head_size
+        eps = cfg.layer_norm_epsilon
+
+        def ln(x, name):
+            out, cache = layers.layernorm_forward(
+                x, P[h + name + ".weight"], self._bias(h + name + ".bias", C), eps
+            )
+            if c is not None:
+                c[name] = cache
+            return out
+
+        def linear(x, name):
+            out, cache = layers.linear_forward(x, P[h + name + ".weight"], P.get(h + name + ".bias"))
+            if c is not None:
+                c[name] = cache
+            return out
+
+        # --- attention branch ---
+        qkv = linear(ln(x, "ln_1"), "attn.c_attn")  # (B, T, 3C)
+        # split into q, k, v and then into heads: (B, T, 3, H, D) -> 3 x (B, H, T, D)
+        q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)
+        if kv_cache is not None:
+            if "k" in kv_cache:
+                k = xp.concatenate([kv_cache["k"], k], axis=2)  # (B, H, T_past + T, D)
+                v = xp.concatenate([kv_cache["v"], v], axis=2)
+            kv_cache["k"], kv_cache["v"] = k, v
+        a, cache = layers.attention_forward(q, k, v, causal=True)  # (B, H, T, D)
+        if c is not None:
+            c["attn"] = cache
+        a = a.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads: (B, T, H, D) -> (B, T, C)
+        x = x + self._dropout(linear(a, "attn.c_proj"), c, "drop_attn")
+
+        # --- MLP branch ---
+        f = linear(ln(x, "ln_2"), "mlp.c_fc")  # (B, T, 4C)
+        g, cache = layers.gelu_forward(f)
+        if c is not None:
+            c["gelu"] = cache
+        x = x + self._dropout(linear(g, "mlp.c_proj"), c, "drop_mlp")  # (B, T, C)
+
+        if caches is not None:
+            caches[i] = c
+        return x
+
+    def _bias(self, name, C):
+        """A LayerNorm bias, or zeros when the model has none (bias=False)."""
+        if name in self.params:
+            return self.params[name]
+        xp = get_array_module(self.params["wte.weight"])
+        return xp.zeros(C, dtype=self.dtype)
+
+    def _head(self, x, caches):
+        """logits = ln_f(x) @ W_out^T with W_out = wte (tied) or lm_head, both (V, C)."""
+        P, C = self.params, self.config.n_embd
+        xf, cache = layers.layernorm_forward(
+            x, P["ln_f.weight"], self._bias("ln_f.bias", C), self.config.layer_norm_epsilon
+        )
+        if caches is not None:
+            caches["ln_f"] = cache
+        W_out = P["wte.weight"] if self.config.tie_weights else P["lm_head.weight"]  # (V, C)
+        logits, cache = layers.linear_forward(xf, W_out.T)  # (B, T, C) @ (C, V) -> (B, T, V)
+        if caches is not None:
+            caches["lm_head"] = cache
+        return logits
+
+    def forward(self, idx, targets=None):
+        """Run the model on idx (B, T); returns (logits (B, T, V), loss or None).
+
+        The caches for backward() are kept; a later forward replaces them.
+        """
+        self._check_idx(idx)
+        caches = {}
+        x = self._embed(idx, 0, caches)
+        for i in range(self.config.n_layer):
+            x = self._block(x, i, caches)
+        logits = self._head(x, caches)
+        loss = None
+        if targets is not None:
+            loss, caches["loss"] = layers.cross_entropy_forward(logits, targets)
+        self._caches = caches
+        return logits, loss
+
+    # -- backward ---------------------------------------------------------------------------
+
+    def backward(self):
+        """The gradient of the last forward's mean loss for every parameter (dict like params)."""
+        caches = self._caches
+        if caches is None or "loss" not in caches:
+            raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
+        cfg, P = self.config, self.params
+        grads = {}
+
+        dlogits = layers.cross_entropy_backward(1.0, caches["loss"])  # (B, T, V)
+        dxf, dW_out_T, _ = layers.linear_backward(dlogits, caches["lm_head"])
+        dW_out = dW_out_T.T  # (C, V) -> (V, C)
+        dx, dg, db = layers.layernorm_backward(dxf, caches["ln_f"])
+        grads["ln_f.weight"] = dg
+        if "ln_f.bias" in P:
+            grads["ln_f.bias"] = db
+
+        for i in reversed(range(cfg.n_layer)):
+            dx = self._block_backward(dx, i, caches[i], grads)
+
+        dx = layers.dropout_backward(dx, caches["drop_emb"])  # (B, T, C)
+        dwte = layers.embedding_backward(dx, caches["wte"])
+        if cfg.tie_weights:
+            dwte = dwte + dW_out  # wte is used twice, so its two gradients add
+        else:
+            grads["lm_head.weight"] = dW_out
+        grads["wte.weight"] = dwte
+        if cfg.positions == "learned":
+            # x_pos (T, C) was broadcast over the batch: its gradient sums over B.
+            grads["wpe.weight"] = layers.embedding_backward(dx.sum(axis=0), caches["wpe"])
+        return {k: grads[k] for k in P}  # in the order of params, so both dicts read alike
+
+    def _block_backward(self, dx, i, c, grads):
+        """Backward through one block; dx (B, T, C) is the gradient at the block's output.
+
+        Forward:  x1 = x + attn(ln_1(x));  x2 = x1 + mlp(ln_2(x1))
+        A residual x + f(x) passes its gradient both ways: dx = dout + (f's backward of dout).
+        """
+        cfg, h = self.config, f"h.{i}."
+        B, T, C = dx.shape
+        H, D = cfg.n_head, cfg.head_size
+        xp = get_array_module(dx)
+
+        def linear_back(dout, name):
+            dinp, dW, db = layers.linear_backward(dout, c[name])
+            grads[h + name + ".weight"] = dW
+            if db is not None:
+                grads[h + name + ".bias"] = db
+            return dinp
+
+        def ln_back(dout, name):
+            dinp, dgamma, dbeta = layers.layernorm_backward(dout, c[name])
+            grads[h + name + ".weight"] = dgamma
+            if h + name + ".bias" in self.params:
+                grads[h + name + ".bias"] = dbeta
+            return dinp
+
+        # --- MLP branch: x2 = x1 + c_proj(gelu(c_fc(ln_2(x1)))) ---
+        dm = layers.dropout_backward(dx, c["drop_mlp"])
+        dg = linear_back(dm, "mlp.c_proj")  # (B, T, 4C)
+        df = layers.gelu_backward(dg, c["gelu"])
+        dx = dx + ln_back(linear_back(df, "mlp.c_fc"), "ln_2")  # residual: both paths add
+
+        # --- attention branch: x1 = x + c_proj(attention(split(c_attn(ln_1(x))))) ---
+        dy = layers.dropout_backward(dx, c["drop_attn"])
+        da = linear_back(dy, "attn.c_proj")  # (B, T, C)
+        da = da.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # undo the head merge: (B, H, T, D)
+        dq, dk, dv = layers.attention_backward(da, c["attn"])
+        dqkv = xp.empty((B, T, 3, H, D), dtype=dx.dtype)  # undo the split: 3 x (B,H,T,D) -> (B,T,3C)
+        dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
+        dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
+        dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
+        dh = linear_back(dqkv.reshape(B, T, 3 * C), "attn.c_attn")
+        return dx + ln_back(dh, "ln_1")
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _forward_inference(self, idx, kv_caches=None, pos0=0):
+        """Logits for the tokens idx (B, T_new) at positions pos0.., keeping nothing for backward.
+
+        With kv_caches (one dict per layer), the keys and values of earlier tokens are reused
+        and those of the new tokens appended.
+        """
+        x = self._embed(idx, pos0, None)
+        for i in range(self.config.n_layer):
+            x = self._block(x, i, None, kv_caches[i] if kv_caches is not None else None)
+        return self._head(x, None)
+
+    def generate(
+        self,
+        idx,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        seed=None,
+        rng=None,
+        use_cache=True,
+        stop_id=None,
+    ):
+        """Continue each sequence of idx (B, T) by max_new_tokens sampled tokens.
+
+        temperature 0 is greedy (argmax); top_k keeps the k most likely tokens, top_p the
+        smallest set whose probability reaches p (see tinylm/sample.py). The model always
+        reads the last block_size tokens. With use_cache, each layer keeps the keys and values
+        of the tokens it has read, so a new token costs one position's work (O(T)) instead of a
+        forward over the whole window (O(T^2)). Once the text outgrows block_size the window
+        slides; learned positions then shift under every cached key, so the window is read
+        afresh (and cached again) at each step. Returns a NumPy int64 array (B, T + new),
+        stopping early if every sequence has produced stop_id.
+        """
+        from tinylm.sample import sample_next
+
+        idx = np.asarray(to_numpy(idx))
+        self._check_idx(idx[:, -self.config.block_size :])
+        if int(max_new_tokens) < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if rng is None:
+            rng = np.random.default_rng(seed)
+        was_training, self.training = self.training, False
+        xp, block = self.xp, self.config.block_size
+        out = idx.astype(np.int64)
+        kv_caches, cached_len = None, 0
+        try:
+            for _ in range(int(max_new_tokens)):
+                window_start = max(0, out.shape[1] - block)
+                if use_cache and kv_caches is not None and window_start == 0:
+                    new = out[:, cached_len:]  # only the tokens the cache has not seen
+                else:
+                    kv_caches = [{} for _ in range(self.config.n_layer)] if use_cache else None
+                    new, cached_len = out[:, window_start:], 0
+                logits = self._forward_inference(xp.asarray(new), kv_caches, cached_len)
+                cached_len += new.shape[1]
+                last = to_numpy(logits[:, -1, :]).astype(np.float64)  # (B, V)
+                next_ids = sample_next(last, temperature, top_k, top_p, rng)  # (B,)
+                out = np.concatenate([out, next_ids[:, None]], axis=1)
+                if stop_id is not None and bool((next_ids == stop_id).all()):
+                    break
+        finally:
+            self.training = was_training
+        return out
