@@ -31,7 +31,9 @@ def _import_cupy():
     try:
         import cupy
     except ImportError as err:
-        raise RuntimeError(f"the GPU was requested but CuPy is not installed; {INSTALL_HINT}") from err
+        raise RuntimeError(
+            f"the GPU was requested but CuPy is not installed; {INSTALL_HINT}"
+        ) from err
     try:
         n_devices = cupy.cuda.runtime.getDeviceCount()
     except Exception as err:  # CuPy raises its own CUDARuntimeError when no driver is found

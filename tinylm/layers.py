@@ -74,7 +74,9 @@ def embedding_forward(idx, W):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"idx: token ids must be in [0, {V}) for a vocabulary of {V}, got {bad}")
+            raise ValueError(
+                f"idx: token ids must be in [0, {V}) for a vocabulary of {V}, got {bad}"
+            )
     out = xp.take(W, idx, axis=0)  # (B, T, C)
     cache = (idx, W.shape, W.dtype)
     return out, cache
@@ -136,7 +138,9 @@ def linear_forward(x, W, b=None):
             f"x: last dimension must equal W's first (Cin = {W.shape[0]}), "
             f"got x of shape {tuple(x.shape)}"
         )
-    out = x @ W  # (..., Cin) @ (Cin, Cout) -> (..., Cout)
+    # One (N, Cin) @ (Cin, Cout) product over all leading positions: a single large matrix
+    # multiply is much faster than a batch of small ones.
+    out = (x.reshape(-1, W.shape[0]) @ W).reshape(*x.shape[:-1], W.shape[1])  # (..., Cout)
     if b is not None:
         _check_float("b", b)
         if b.shape != (W.shape[1],):
@@ -158,8 +162,8 @@ def linear_backward(dout, cache):
     Cin, Cout = W.shape
     dout2 = dout.reshape(-1, Cout)  # (N, Cout)
     x2 = x.reshape(-1, Cin)  # (N, Cin)
-    dx = dout @ W.T
-    dW = x2.T @ dout2
+    dx = (dout2 @ W.T).reshape(x.shape)  # (N, Cout) @ (Cout, Cin) -> (N, Cin) -> (..., Cin)
+    dW = x2.T @ dout2  # (Cin, N) @ (N, Cout) -> (Cin, Cout)
     db = dout2.sum(axis=0) if has_bias else None
     return dx, dW, db
 
@@ -249,7 +253,8 @@ def gelu_forward(x):
 def gelu_backward(dout, cache):
     """Gradient of out = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
 
-    By the product rule, with d tanh(u)/du = 1 - tanh(u)^2 and du/dx = sqrt(2/pi)(1 + 3*0.044715 x^2):
+    By the product rule, with d tanh(u)/du = 1 - tanh(u)^2
+    and du/dx = sqrt(2/pi) (1 + 3*0.044715 x^2):
         dout/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3*0.044715 x^2)
         dx = dout * dout/dx
     """
@@ -344,7 +349,9 @@ def _check_attention_inputs(q, k, v, causal, key_padding_mask):
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     Tk = k.shape[2]
     if causal and Tq > Tk:
-        raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={Tq}, Tk={Tk}")
+        raise ValueError(
+            f"causal attention needs at least as many keys as queries, got Tq={Tq}, Tk={Tk}"
+        )
     if key_padding_mask is not None:
         if key_padding_mask.dtype != bool:
             raise TypeError(f"key_padding_mask must be a bool array, got {key_padding_mask.dtype}")

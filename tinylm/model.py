@@ -225,7 +225,8 @@ class GPT:
             return out
 
         def linear(x, name):
-            out, cache = layers.linear_forward(x, P[h + name + ".weight"], P.get(h + name + ".bias"))
+            W, b = P[h + name + ".weight"], P.get(h + name + ".bias")  # b is None without biases
+            out, cache = layers.linear_forward(x, W, b)
             if c is not None:
                 c[name] = cache
             return out
@@ -363,7 +364,8 @@ class GPT:
         da = linear_back(dy, "attn.c_proj")  # (B, T, C)
         da = da.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # undo the head merge: (B, H, T, D)
         dq, dk, dv = layers.attention_backward(da, c["attn"])
-        dqkv = xp.empty((B, T, 3, H, D), dtype=dx.dtype)  # undo the split: 3 x (B,H,T,D) -> (B,T,3C)
+        # undo the split: 3 x (B, H, T, D) -> (B, T, 3, H, D) -> (B, T, 3C)
+        dqkv = xp.empty((B, T, 3, H, D), dtype=dx.dtype)
         dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
         dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
         dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)

@@ -1,0 +1,135 @@
+"""Benchmark of tinylm's byte-level BPE (tinylm/tokenizer.py) on the default corpus.
+
+Measures, on one CPU core (the tokenizer is pure Python):
+
+- training: seconds to learn ``--merges`` merges (default 2,000, vocab_size = 256 + 2000 + 1);
+- encode throughput in MB/s of UTF-8 input: the median of ``--repeats`` runs over the whole
+  corpus, with the chunk cache cleared before each run, so every distinct chunk is encoded
+  from its bytes again (a warm-cache figure is reported separately: that is the speed when
+  the same tokenizer encodes text it has already seen, e.g. the validation split);
+- decode throughput in MB/s of UTF-8 output, the median of the same number of runs;
+- compression: UTF-8 bytes per token on the corpus (the tokenizer is trained and measured
+  on the same text, so this is an optimistic figure).
+
+Results are printed and written as JSON with the machine and the date:
+
+    python benchmarks/bpe.py                      # -> benchmarks/results/bpe_cpu.json
+    python benchmarks/bpe.py --merges 500 --json /tmp/bpe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tinylm.tokenizer import BPETokenizer
+
+
+def default_corpus():
+    """The "pydoc" corpus: from tinylm.data if it is there, else built the same way inline."""
+    try:
+        from tinylm.data import load_corpus
+    except ImportError:
+        import pydoc_data.topics as topics
+
+        return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    return load_corpus("pydoc")
+
+
+def cpu_model():
+    """The CPU's name from /proc/cpuinfo (Linux), else platform.processor() or the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(fn):
+    """(seconds, result) of one call of fn()."""
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--merges", type=int, default=2000, help="number of merges to learn")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of encode and decode")
+    parser.add_argument("--json", default="benchmarks/results/bpe_cpu.json", help="output path")
+    args = parser.parse_args(argv)
+
+    text = default_corpus()
+    n_bytes = len(text.encode("utf-8"))
+    mb = n_bytes / 1e6
+    print(f"corpus: pydoc, {len(text):,} characters, {n_bytes:,} UTF-8 bytes")
+
+    vocab_size = 256 + args.merges + 1
+    train_s, tok = timed(lambda: BPETokenizer.train(text, vocab_size))
+    print(f"train: {len(tok.merges)} merges (vocab_size {tok.vocab_size}) in {train_s:.2f} s")
+
+    # Cold encode: clear the chunk cache before every run, so each run does all the work.
+    cold = []
+    for _ in range(args.repeats):
+        tok.clear_cache()
+        seconds, ids = timed(lambda: tok.encode(text))
+        cold.append(seconds)
+    # Warm encode: the cache now holds every chunk of the corpus.
+    warm = [timed(lambda: tok.encode(text))[0] for _ in range(args.repeats)]
+    decode = []
+    for _ in range(args.repeats):
+        seconds, decoded = timed(lambda: tok.decode(ids))
+        decode.append(seconds)
+    assert decoded == text, "round trip failed"
+
+    results = {
+        "benchmark": "bpe",
+        "corpus": "pydoc",
+        "corpus_chars": len(text),
+        "corpus_bytes": n_bytes,
+        "merges": len(tok.merges),
+        "vocab_size": tok.vocab_size,
+        "train_seconds": round(train_s, 3),
+        "encode_MB_per_s": round(mb / statistics.median(cold), 3),
+        "encode_note": f"median of {args.repeats} runs over the whole corpus, "
+        "chunk cache cleared before each run",
+        "encode_warm_cache_MB_per_s": round(mb / statistics.median(warm), 3),
+        "decode_MB_per_s": round(mb / statistics.median(decode), 3),
+        "tokens": len(ids),
+        "bytes_per_token": round(n_bytes / len(ids), 3),
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "numpy": np.__version__,
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(
+        f"encode: {results['encode_MB_per_s']:.2f} MB/s (cache cleared), "
+        f"{results['encode_warm_cache_MB_per_s']:.2f} MB/s (warm cache)"
+    )
+    print(f"decode: {results['decode_MB_per_s']:.2f} MB/s")
+    print(f"compression: {len(ids):,} tokens, {results['bytes_per_token']:.3f} bytes per token")
+
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
