@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from tinylm import GPT, GPTConfig
+from tinylm.backend import keep_freed_memory
 
 SIZES = {
     # name: (n_layer, n_head, n_embd, block_size, batch_size)
@@ -85,7 +86,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per size (median)")
     parser.add_argument("--json", default="benchmarks/results/cpu_step.json", help="output file")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (see tinylm.backend.keep_freed_memory)")
     args = parser.parse_args()
+    malloc_tuned = False if args.default_malloc else keep_freed_memory()
+    print(f"malloc keeps freed memory: {malloc_tuned}")
 
     peak = matmul_gflops()
     print(f"float32 matmul throughput (2048^3, median): {peak:.1f} GFLOP/s")
@@ -113,6 +118,7 @@ def main():
             "python": platform.python_version(),
             "numpy": np.__version__,
         },
+        "malloc_keeps_freed_memory": malloc_tuned,
         "matmul_gflops": peak,
         "results": results,
     }
