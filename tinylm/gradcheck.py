@@ -96,11 +96,15 @@ def check_layer(name, forward, backward, inputs, wrt=None, tol=SMOOTH_TOL, seed=
               (a single array when there is one).
     inputs:   dict name -> array (float64 for the checked ones) plus any other arguments.
     wrt:      the names of the inputs whose gradients backward returns, in its order
-              (default: every floating-point array in inputs, in order).
+              (default: every floating-point array or None in inputs, in order; a None
+              input, such as b=None, has a None gradient, which is skipped).
     Returns a list of GradCheckRow.
     """
     if wrt is None:
-        wrt = [k for k, a in inputs.items() if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
+        wrt = [
+            k for k, a in inputs.items()
+            if a is None or (isinstance(a, np.ndarray) and a.dtype.kind == "f")
+        ]
     rng = np.random.default_rng(seed)
     out, cache = forward(**inputs)
     dout = rng.standard_normal(np.shape(out))
@@ -109,7 +113,7 @@ def check_layer(name, forward, backward, inputs, wrt=None, tol=SMOOTH_TOL, seed=
         grads = (grads,)
     rows = []
     for key, grad in zip(wrt, grads, strict=True):
-        if grad is None:
+        if grad is None:  # e.g. db of a linear layer called with b=None
             continue
 
         def f(x, key=key):
@@ -124,16 +128,27 @@ def check_model(model, idx, targets, tol=MODEL_TOL, h=1e-5):
     """Check every parameter gradient of a GPT (built with dtype=np.float64) on one batch.
 
     The scalar is the loss itself (dout = 1). Each parameter is nudged entry by entry,
-    so keep the model tiny. Returns one GradCheckRow per parameter tensor.
+    so keep the model tiny. With dropout in training mode, the dropout generator is reset
+    before every forward, so every nudge sees the same masks. Returns one GradCheckRow per
+    parameter tensor.
     """
-    model.forward(idx, targets)
+    if model.dtype != np.float64:
+        raise TypeError(f"check_model needs a float64 model for meaningful differences, "
+                        f"got {model.dtype}")
+    rng_state = model.dropout_rng.bit_generator.state
+
+    def loss():
+        model.dropout_rng.bit_generator.state = rng_state  # the same dropout masks every time
+        return model.forward(idx, targets)[1]
+
+    loss()
     grads = model.backward()
     rows = []
     for name, param in model.params.items():
 
         def loss_of(p, name=name):
             # numerical_gradient nudges `p`, which *is* model.params[name], in place.
-            return model.forward(idx, targets)[1]
+            return loss()
 
         numeric = numerical_gradient(loss_of, param, np.float64(1.0), h=h)
         rows.append(GradCheckRow(name, rel_error(grads[name], numeric), tol))

@@ -353,8 +353,9 @@ def _check_attention_inputs(q, k, v, causal, key_padding_mask):
             f"causal attention needs at least as many keys as queries, got Tq={Tq}, Tk={Tk}"
         )
     if key_padding_mask is not None:
-        if key_padding_mask.dtype != bool:
-            raise TypeError(f"key_padding_mask must be a bool array, got {key_padding_mask.dtype}")
+        if getattr(key_padding_mask, "dtype", None) is None or key_padding_mask.dtype != bool:
+            got = getattr(key_padding_mask, "dtype", type(key_padding_mask).__name__)
+            raise TypeError(f"key_padding_mask must be a bool array (B, Tk), got {got}")
         if tuple(key_padding_mask.shape) != (B, Tk):
             raise ValueError(
                 f"key_padding_mask must have shape (B, Tk) = ({B}, {Tk}), "

@@ -52,6 +52,10 @@ class GPTConfig:
                 f"GPTConfig.n_embd must be divisible by n_head, got n_embd={self.n_embd} "
                 f"and n_head={self.n_head}"
             )
+        for name in ("dropout", "layer_norm_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+                raise TypeError(f"GPTConfig.{name} must be a number, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.positions not in ("learned", "sinusoidal"):
@@ -408,12 +412,17 @@ class GPT:
         afresh (and cached again) at each step. Returns a NumPy int64 array (B, T + new),
         stopping early if every sequence has produced stop_id.
         """
-        from tinylm.sample import sample_next
+        from tinylm.sample import check_sampling_args, sample_next
 
         idx = np.asarray(to_numpy(idx))
+        if idx.ndim != 2:
+            raise ValueError(f"idx must have shape (B, T), got shape {tuple(idx.shape)}")
         self._check_idx(idx[:, -self.config.block_size :])
-        if int(max_new_tokens) < 0:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_sampling_args(temperature, top_k, top_p)
         if rng is None:
             rng = np.random.default_rng(seed)
         was_training, self.training = self.training, False

@@ -5,7 +5,8 @@ p = softmax(z / temperature) before drawing from it:
 
 - temperature tau: p_i = exp(z_i / tau) / sum_j exp(z_j / tau). tau < 1 sharpens the
   distribution, tau > 1 flattens it, and tau -> 0 puts all mass on the argmax (greedy).
-- top-k: keep the k largest logits, set the rest to -inf, renormalise.
+- top-k: keep the k largest logits (and any tied with the k-th), set the rest to -inf,
+  renormalise.
 - top-p (nucleus): sort by probability, keep the smallest prefix whose total reaches p
   (always at least the most likely token), renormalise.
 
@@ -18,14 +19,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def check_sampling_args(temperature, top_k, top_p, vocab_size=None):
-    """Raise ValueError naming the argument when a sampling setting is out of range."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (int(top_k) != top_k or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+def _is_number(x):
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def check_sampling_args(temperature, top_k, top_p):
+    """Raise TypeError/ValueError naming the argument when a sampling setting is wrong."""
+    if not _is_number(temperature) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (
+        not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1
+    ):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
 def sampling_distribution(logits, temperature=1.0, top_k=None, top_p=None):
@@ -42,7 +49,9 @@ def sampling_distribution(logits, temperature=1.0, top_k=None, top_p=None):
         probs = np.zeros_like(z)
         probs[np.arange(B), z.argmax(axis=-1)] = 1.0
         return probs
-    z = z / temperature
+    # Shift by the max before dividing: the largest logit becomes 0 and the rest negative,
+    # so even a tiny temperature gives -inf (probability 0), never inf - inf = NaN.
+    z = (z - z.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None and top_k < V:
         kth_largest = np.sort(z, axis=-1)[:, V - int(top_k)][:, None]  # (B, 1)
         z = np.where(z < kth_largest, -np.inf, z)
