@@ -874,7 +874,8 @@ def test_attention_rejects_disagreeing_shapes_dtypes_and_masks():
         ValueError, match="causal attention needs at least as many keys as queries, got Tq=3, Tk=2"
     ):
         layers.attention_forward(q, k[:, :, :2], v[:, :, :2], causal=True)
-    with pytest.raises(TypeError, match="key_padding_mask must be a bool array (B, Tk), got int64"):
+    expected = "key_padding_mask must be a bool array (B, Tk), got int64"
+    with pytest.raises(TypeError, match=re.escape(expected)):
         layers.attention_forward(q, k, v, key_padding_mask=np.zeros((2, 3), dtype=np.int64))
     with pytest.raises(
         ValueError, match=re.escape("key_padding_mask must have shape (B, Tk) = (2, 3), got (2, 4)")
