@@ -9,7 +9,7 @@ This file is the one place that knows about CuPy. It imports CuPy only when
 the GPU is asked for, so ``import tinylm`` works on a machine without it.
 
     set_backend("numpy")   # the default
-    set_backend("cupy")    # new arrays (model weights, batches) go to the GPU
+    set_backend("cupy")    # new models are placed on the GPU (same initial values)
     xp = get_array_module(x)  # the module an existing array belongs to
 """
 

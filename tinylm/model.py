@@ -24,7 +24,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from tinylm import layers
-from tinylm.backend import backend_name, get_array_module, to_backend, to_numpy, xp_for
+from tinylm.backend import (
+    backend_name,
+    get_array_module,
+    get_backend,
+    to_backend,
+    to_numpy,
+    xp_for,
+)
 
 
 @dataclass
@@ -138,6 +145,8 @@ class GPT:
         if config.positions == "sinusoidal":
             self._pe = layers.sinusoidal_positions(config.block_size, config.n_embd, self.dtype)
         self._caches = None
+        if get_backend() == "cupy":  # tinylm.set_backend("cupy"): new models live on the GPU
+            self.to("gpu")
 
     # -- bookkeeping ----------------------------------------------------------------------
 
