@@ -301,3 +301,8 @@ def test_char_load_wrong_chars(tmp_path):
     path.write_text('{"type": "char", "version": 1, "chars": ["b", "a"]}')
     with pytest.raises(ValueError, match="sorted"):
         CharTokenizer.load(path)
+
+
+def test_decode_accepts_a_list_of_numpy_integers():
+    tok = CharTokenizer("abc")
+    assert tok.decode([np.int64(1), np.int32(2)]) == "bc"

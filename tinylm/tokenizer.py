@@ -87,10 +87,12 @@ def _as_id_list(ids, vocab_size):
     if hasattr(ids, "ndim") and ids.ndim != 1:
         raise ValueError(f"decode expects a 1-D sequence of ids, got an array of shape {ids.shape}")
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-    for i in ids:
+    for n, i in enumerate(ids):
         # bool is an int subclass, and a float 3.0 would index silently: both are mistakes.
-        if not isinstance(i, int) or isinstance(i, bool):
+        # NumPy integers (from a list such as [np.int64(83)]) have __index__; floats do not.
+        if not hasattr(i, "__index__") or type(i).__name__ in ("bool", "bool_"):
             raise ValueError(f"token ids must be integers, got {i!r} ({type(i).__name__})")
+        ids[n] = i = i.__index__()
         # Python lists accept negative indices, so check both ends ourselves.
         if not 0 <= i < vocab_size:
             raise ValueError(f"token id {i} is out of range: valid ids are 0..{vocab_size - 1}")
