@@ -242,11 +242,21 @@ def gelu_forward(x):
         u   = sqrt(2/pi) * (x + 0.044715 x^3)
         out = 0.5 x (1 + tanh(u))
     The cache holds x and tanh(u), both needed by the derivative.
+
+    GELU runs on the widest activation, (B, T, 4C), so it is written as in-place steps on
+    two buffers: NumPy would allocate a fresh (B, T, 4C) array for every operator otherwise.
     """
     _check_float("x", x)
     xp = get_array_module(x)
-    tanh_u = xp.tanh(_GELU_K * (x + _GELU_A * x * x * x))
-    out = 0.5 * x * (1.0 + tanh_u)
+    tanh_u = x * x
+    tanh_u *= _GELU_A
+    tanh_u += 1.0
+    tanh_u *= x
+    tanh_u *= _GELU_K  # u = sqrt(2/pi) * x * (1 + 0.044715 x^2)
+    xp.tanh(tanh_u, out=tanh_u)  # tanh(u)
+    out = tanh_u + 1.0
+    out *= x
+    out *= 0.5  # 0.5 x (1 + tanh(u))
     return out, (x, tanh_u)
 
 
@@ -259,9 +269,20 @@ def gelu_backward(dout, cache):
         dx = dout * dout/dx
     """
     x, tanh_u = cache
-    dudx = _GELU_K * (1.0 + 3.0 * _GELU_A * x * x)
-    local = 0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u * tanh_u) * dudx
-    return dout * local
+    xp = get_array_module(x)
+    local = x * x
+    local *= 3.0 * _GELU_A
+    local += 1.0
+    local *= _GELU_K  # du/dx = sqrt(2/pi) (1 + 3*0.044715 x^2)
+    sech2 = tanh_u * tanh_u
+    xp.subtract(1.0, sech2, out=sech2)  # 1 - tanh(u)^2
+    sech2 *= x
+    local *= sech2  # x (1 - tanh(u)^2) du/dx
+    local += tanh_u
+    local += 1.0
+    local *= 0.5  # 0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) du/dx = dout/dx
+    local *= dout  # dx = dout * dout/dx
+    return local
 
 
 def relu_forward(x):
