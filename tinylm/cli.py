@@ -1,15 +1,373 @@
 """The `tinylm` command: one subcommand per task, each a thin layer over the library.
 
+    tinylm train          train a GPT (tinylm.train), writing a run directory
+    tinylm sample RUN     generate text from a run's checkpoint (model.generate)
+    tinylm eval RUN       loss and perplexity on the run's validation split or on any text
+    tinylm info RUN       what a run directory holds
     tinylm gradcheck      check every layer and a tiny GPT against central differences
 
 Errors in the user's input are printed as one line, `tinylm: error: ...`, and the command
-exits with status 2, without a traceback.
+exits with status 2, without a traceback. Ctrl-C during training saves a checkpoint, prints the
+command that resumes, and exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import shlex
 import sys
+from pathlib import Path
+
+EXIT_USAGE = 2  # bad input, as argparse
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`tinylm train: error: ...`) like every other."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# tinylm train
+
+
+def cmd_train(args) -> int:
+    from tinylm.train import SETTINGS, TrainingInterrupted, train
+
+    settings = {}
+    if args.config is not None:
+        settings = _read_config_file(args.config, SETTINGS)
+    settings.update({k: v for k, v in vars(args).items() if k in SETTINGS})
+    if settings.get("out") is None and settings.get("resume") is None:
+        settings["out"] = "out"
+    try:
+        result = train(**settings)
+    except TrainingInterrupted as stop:
+        run_dir = shlex.quote(str(stop.run_dir))
+        print(
+            f"\ntinylm: interrupted after step {stop.step}; checkpoint saved in "
+            f"{stop.run_dir / 'checkpoint'}. Resume with:\n  tinylm train --resume {run_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if result.config.verbose:
+        print(
+            f"done: {result.step} steps, validation loss {result.val_loss:.4f}; training steps "
+            f"{result.train_seconds:.1f} s ({result.tokens_per_s:,.0f} tok/s), evaluation "
+            f"{result.eval_seconds:.1f} s, total {result.elapsed:.1f} s; run in {result.run_dir}"
+        )
+    return 0
+
+
+def _read_config_file(path, known) -> dict:
+    """The settings of a --config JSON file: an object whose keys are TrainConfig's fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from err
+    if not isinstance(settings, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a JSON object of settings")
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(
+            f"config file {str(path)!r} has unknown setting(s) {', '.join(unknown)}; "
+            "the settings are named as TrainConfig's fields (n_layer, block_size, lr, ...)"
+        )
+    return settings
+
+
+def _add_train_parser(sub):
+    from tinylm.train import TrainConfig
+
+    defaults = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train a GPT and write a run directory",
+        description="Train a GPT on a built-in corpus or a text file. The run directory (--out) "
+        "gets metrics.jsonl, loss.png, samples.txt and checkpoint/. Settings come from the "
+        "defaults, then --config, then the flags. Ctrl-C saves a checkpoint; --resume continues "
+        "it exactly.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def setting(group, flag, help, dest=None, **kwargs):
+        # Flags default to "not given" (SUPPRESS), so that only the flags typed override
+        # --config and a resumed run's own settings; the help shows TrainConfig's default.
+        dest = dest or flag[2:].replace("-", "_")
+        if kwargs.get("action") != "store_false":  # a --no-... flag: its name says it all
+            help = f"{help} (default: {getattr(defaults, dest)})"
+        group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help, **kwargs)
+
+    g = p.add_argument_group("data")
+    setting(g, "--corpus", "built-in corpus, when no --text is given", choices=("pydoc", "stdlib"))
+    setting(
+        g, "--text", "a UTF-8 text file, or a folder of .txt files, to train on", metavar="PATH"
+    )
+    setting(g, "--tokenizer", "one token per character, or byte-level BPE", choices=("char", "bpe"))
+    setting(g, "--vocab-size", "BPE vocabulary: 256 bytes + merges + EOT", type=int, metavar="N")
+    setting(g, "--val-fraction", "the last fraction of the tokens validates", type=float)
+
+    g = p.add_argument_group("model")
+    setting(g, "--n-layer", "transformer blocks", type=int, metavar="N")
+    setting(g, "--n-head", "attention heads per block", type=int, metavar="N")
+    setting(g, "--n-embd", "embedding width C (a multiple of --n-head)", type=int, metavar="C")
+    setting(g, "--block-size", "context length T in tokens", type=int, metavar="T")
+    setting(g, "--dropout", "dropout probability during training", type=float, metavar="P")
+    setting(g, "--positions", "position embeddings", choices=("learned", "sinusoidal"))
+    setting(g, "--no-tie-weights", "a separate output layer instead of wte^T",
+            dest="tie_weights", action="store_false")  # fmt: skip
+    setting(g, "--no-bias", "no biases in the linear layers and LayerNorms", dest="bias",
+            action="store_false")  # fmt: skip
+    setting(g, "--dtype", "floating-point type of the parameters", choices=("float32", "float64"))
+
+    g = p.add_argument_group("optimisation")
+    setting(g, "--steps", "optimizer steps in total; with --resume, more extends the run",
+            type=int, metavar="N")  # fmt: skip
+    setting(g, "--batch-size", "windows per step B", type=int, metavar="B")
+    setting(g, "--lr", "peak learning rate (AdamW)", type=float)
+    setting(g, "--min-lr", "learning rate at the end of the cosine decay", type=float)
+    setting(g, "--warmup-steps", "linear warmup steps", type=int, metavar="N")
+    setting(g, "--lr-decay-steps", "step where the cosine reaches --min-lr (None: --steps)",
+            type=int, metavar="N")  # fmt: skip
+    setting(g, "--weight-decay", "AdamW's decoupled weight decay", type=float)
+    setting(g, "--beta1", "AdamW beta1", type=float)
+    setting(g, "--beta2", "AdamW beta2", type=float)
+    setting(g, "--eps", "AdamW epsilon", type=float)
+    setting(g, "--grad-clip", "largest global gradient norm; 0 turns clipping off", type=float)
+
+    g = p.add_argument_group("evaluation and output")
+    setting(g, "--eval-interval", "steps between validation losses and checkpoints",
+            type=int, metavar="N")  # fmt: skip
+    setting(g, "--eval-batch-size", "windows per forward when evaluating", type=int, metavar="B")
+    setting(g, "--log-interval", "steps between metrics records", type=int, metavar="N")
+    setting(g, "--sample-tokens", "tokens sampled into samples.txt at each evaluation",
+            type=int, metavar="N")  # fmt: skip
+    g.add_argument("--out", default=argparse.SUPPRESS, metavar="RUN_DIR",
+                   help="run directory to write (default: out)")  # fmt: skip
+    g.add_argument(
+        "--resume",
+        default=argparse.SUPPRESS,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its checkpoint (default: None)",
+    )
+    setting(g, "--overwrite", "replace a run directory that already holds a run",
+            action="store_true")  # fmt: skip
+    setting(g, "--no-progress", "no progress bar (it shows only on a terminal anyway)",
+            dest="progress", action="store_false")  # fmt: skip
+    setting(g, "--quiet", "print nothing but errors", dest="verbose", action="store_false")
+
+    g = p.add_argument_group("run")
+    setting(g, "--seed", "seed of the initialisation, batches, dropout and samples", type=int)
+    setting(g, "--device", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"))
+    g.add_argument("--config", metavar="FILE", help="a JSON file of settings (TrainConfig names)")
+    p.set_defaults(func=cmd_train)
+
+
+# ----------------------------------------------------------------------------------------------
+# tinylm sample
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from tinylm.checkpoint import load_checkpoint
+    from tinylm.sample import check_sampling_args
+    from tinylm.tokenizer import CharTokenizer
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    ckpt = load_checkpoint(args.run_dir)
+    tok = ckpt.tokenizer
+    if isinstance(tok, CharTokenizer):
+        unknown = sorted(set(args.prompt.replace("<|endoftext|>", "")) - set(tok.chars))
+        if unknown:
+            raise ValueError(
+                f"the prompt has {len(unknown)} character(s) that the run's vocabulary lacks: "
+                + ", ".join(repr(c) for c in unknown)
+            )
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]  # empty: start from EOT
+    model = ckpt.build_model(args.device).eval()
+    out = model.generate(
+        np.array([ids] * args.num_samples),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+    )
+    start = 0 if args.prompt else 1  # leave out the EOT we started from
+    for i, row in enumerate(out):
+        if i:
+            print("-" * 40)
+        _print_text(tok.decode(row[start:]))
+    return 0
+
+
+def _print_text(text: str) -> None:
+    """Print model output even where it spells a lone surrogate or the terminal cannot show it."""
+    encoding = sys.stdout.encoding or "utf-8"
+    print(text.encode(encoding, errors="replace").decode(encoding, errors="replace"))
+
+
+def _add_sample_parser(sub):
+    p = sub.add_parser(
+        "sample",
+        help="generate text from a run's checkpoint",
+        description="Generate text with the model of a run directory (KV cache on by default).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
+    p.add_argument("--prompt", default="", help="text to continue; empty starts from EOT")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="keep the nucleus of mass p")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where to run")
+    p.add_argument("--no-cache", action="store_true", help="recompute every step (no KV cache)")
+    p.set_defaults(func=cmd_sample)
+
+
+# ----------------------------------------------------------------------------------------------
+# tinylm eval
+
+
+def cmd_eval(args) -> int:
+    import numpy as np
+
+    from tinylm import data as data_io
+    from tinylm.backend import set_backend
+    from tinylm.checkpoint import load_checkpoint
+    from tinylm.train import TrainConfig, evaluate, split_tokens
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    ckpt = load_checkpoint(args.run_dir)
+    if args.device == "gpu":
+        set_backend("gpu")
+    if args.text is not None:
+        text = data_io.load_text(args.text)
+        ids = np.asarray(ckpt.tokenizer.encode(text), dtype=np.int64)
+        what = f"{args.text} (all of it)"
+        if len(ids) < 2:
+            raise ValueError(f"{args.text} has {len(ids)} token(s); evaluation needs at least 2")
+    else:
+        cfg = TrainConfig.from_dict(ckpt.train_config, source=f"{ckpt.path / 'config.json'}")
+        text = data_io.load_text(cfg.text) if cfg.text else data_io.load_corpus(cfg.corpus)
+        _, ids = split_tokens(cfg, ckpt.tokenizer, text)
+        what = f"the validation split of {cfg.text or 'corpus ' + cfg.corpus}"
+    model = ckpt.build_model(args.device)
+    loss = evaluate(model, model.xp.asarray(ids), model.config.block_size, args.batch_size)
+    print(
+        f"{what}: {len(ids) - 1:,} predicted tokens | loss {loss:.4f} | "
+        f"perplexity {math.exp(loss):.3f} | step {ckpt.step}"
+    )
+    return 0
+
+
+def _add_eval_parser(sub):
+    p = sub.add_parser(
+        "eval",
+        help="loss and perplexity of a run's model",
+        description="The mean loss per token (and its exp, the perplexity) of a run's model on "
+        "the whole validation split of its training text, or on all of another text.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
+    p.add_argument("--text", metavar="PATH", default=None, help="evaluate on this text instead")
+    p.add_argument("--batch-size", type=int, default=64, help="windows per forward")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where to run")
+    p.set_defaults(func=cmd_eval)
+
+
+# ----------------------------------------------------------------------------------------------
+# tinylm info
+
+
+def cmd_info(args) -> int:
+    from tinylm.checkpoint import load_checkpoint
+    from tinylm.train import METRICS_FILE, format_record, read_metrics
+
+    ckpt = load_checkpoint(args.run_dir)
+    run_dir = ckpt.path.parent  # the checkpoint is RUN_DIR/checkpoint
+    tc, mc = ckpt.train_config, ckpt.model_config
+    n_params = sum(a.size for a in ckpt.params.values())
+    print(f"run directory  {run_dir}")
+    print(f"checkpoint     {ckpt.path}: step {ckpt.step} of {tc.get('steps', '?')}")
+    print(
+        f"model          {mc.n_layer} layers x {mc.n_head} heads x {mc.n_embd}, block "
+        f"{mc.block_size}, vocab {mc.vocab_size}, dropout {mc.dropout}, positions "
+        f"{mc.positions}, tied weights {mc.tie_weights}, bias {mc.bias}"
+    )
+    print(f"parameters     {n_params:,} ({ckpt.dtype})")
+    print(f"tokenizer      {ckpt.tokenizer!r}")
+    source = tc.get("text") or f"corpus {tc.get('corpus')}"
+    print(f"data           {source}, last {tc.get('val_fraction')} validates")
+    print(
+        f"training       batch {tc.get('batch_size')} x block {tc.get('block_size')}, AdamW lr "
+        f"{tc.get('lr')} -> {tc.get('min_lr')} (warmup {tc.get('warmup_steps')}), weight decay "
+        f"{tc.get('weight_decay')}, clip {tc.get('grad_clip')}, seed {tc.get('seed')}"
+    )
+    if (run_dir / METRICS_FILE).is_file():
+        records = read_metrics(run_dir)
+        evals = [r for r in records if r.get("val_loss") is not None]
+        if records:
+            print(f"last record    {format_record(records[-1])}")
+        if evals:
+            print(f"last eval      {format_record(evals[-1])}")
+    if args.verbose:
+        print("settings")
+        for key, value in tc.items():
+            print(f"  {key:16s} {value!r}")
+        print("tensors")
+        for name, a in ckpt.params.items():
+            print(f"  {name:28s} {str(tuple(a.shape)):14s} {a.size:>10,}")
+    print("files")
+    for path in sorted(run_dir.iterdir()):
+        if path.is_dir():
+            files = [f for f in path.rglob("*") if f.is_file()]
+            size = sum(f.stat().st_size for f in files)
+            print(f"  {path.name + '/':16s} {_human(size):>10s}  ({len(files)} files)")
+        else:
+            print(f"  {path.name:16s} {_human(path.stat().st_size):>10s}")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _add_info_parser(sub):
+    p = sub.add_parser(
+        "info",
+        help="what a run directory holds",
+        description="Show a run's settings, parameter count, progress, last losses and files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
+    p.add_argument("--verbose", action="store_true", help="every setting and every tensor's shape")
+    p.set_defaults(func=cmd_info)
+
+
+# ----------------------------------------------------------------------------------------------
+# tinylm gradcheck
 
 
 def cmd_gradcheck(args) -> int:
@@ -29,12 +387,16 @@ def cmd_gradcheck(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tinylm",
         description="A GPT in NumPy with hand-written backward passes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+    _add_sample_parser(sub)
+    _add_eval_parser(sub)
+    _add_info_parser(sub)
 
     p = sub.add_parser(
         "gradcheck",
@@ -51,12 +413,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2), already printed
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        print(f"tinylm: error: {err}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:  # `tinylm ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"tinylm: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ntinylm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,0 +1,259 @@
+"""The `tinylm` command: each subcommand works, and every kind of bad input ends in one line
+`tinylm: error: ...`, a non-zero status, no traceback, and nothing overwritten."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tinylm import cli
+from tinylm.checkpoint import load_checkpoint
+from tinylm.model import GPT
+
+TINY = [
+    "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+    "--batch-size", "8", "--warmup-steps", "2", "--eval-interval", "5", "--log-interval", "5",
+    "--sample-tokens", "10", "--quiet",
+]  # fmt: skip
+SENTENCE = "The quick brown fox jumps over the lazy dog. "
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "fox.txt"
+    path.write_text(SENTENCE * 40, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, text_file):
+    """A finished 10-step run, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert (
+        cli.main(["train", "--text", str(text_file), "--out", str(out), "--steps", "10", *TINY])
+        == 0
+    )
+    return out
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """Run every command from a fresh directory, so the default --out never lands in the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
+def fails(capsys, argv, *expected):
+    """Run the command, check it failed with one clean line, return that line."""
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0, argv
+    assert err.count("\n") == 0, err
+    assert err.startswith("tinylm") and "error:" in err, err
+    assert "Traceback" not in err
+    for piece in expected:
+        assert piece in err, (piece, err)
+    return err
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def test_missing_paths(capsys, tmp_path):
+    fails(capsys, ["train", "--text", str(tmp_path / "nope.txt"), *TINY], "nope.txt", "not exist")
+    fails(capsys, ["sample", str(tmp_path / "nope")], "nope")
+    fails(capsys, ["eval", str(tmp_path / "nope")], "nope")
+    fails(capsys, ["info", str(tmp_path / "nope")], "nope")
+
+
+def test_empty_and_too_short_texts(capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    fails(capsys, ["train", "--text", str(tmp_path / "empty.txt"), *TINY], "empty")
+    (tmp_path / "short.txt").write_text("a few chars")  # fewer than block_size + 1 = 17
+    fails(capsys, ["train", "--text", str(tmp_path / "short.txt"), *TINY], "too few", "block")
+
+
+def test_text_that_is_not_utf8(capsys, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes(SENTENCE.encode() * 3 + "caf\xe9".encode("latin-1"))
+    fails(
+        capsys,
+        ["train", "--text", str(tmp_path / "latin1.txt"), *TINY],
+        "latin1.txt",
+        "UTF-8",
+        f"byte offset {len(SENTENCE) * 3 + 3}",
+    )
+
+
+def test_prompt_outside_the_vocabulary(capsys, run_dir):
+    fails(capsys, ["sample", str(run_dir), "--prompt", "Zoë"], "'Z'", "'ë'")
+
+
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["train", "--n-layer", "0"], "n_layer"),
+        (["train", "--n-embd", "-16"], "n_embd"),
+        (["train", "--batch-size", "0"], "batch_size"),
+        (["train", "--block-size", "0"], "block_size"),
+        (["train", "--steps", "-5"], "steps"),
+        (["train", "--lr", "0"], "lr"),
+        (["train", "--lr", "-1e-3"], "lr"),
+        (["train", "--min-lr", "-1"], "min_lr"),
+        (["train", "--weight-decay", "-0.1"], "weight_decay"),
+        (["train", "--dropout", "1.5"], "dropout"),
+        (["train", "--eval-interval", "0"], "eval_interval"),
+        (["train", "--n-layer", "two"], "--n-layer"),
+        (["sample", "RUN", "--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["sample", "RUN", "--temperature", "-1"], "temperature"),
+        (["sample", "RUN", "--top-k", "0"], "top_k"),
+        (["sample", "RUN", "--top-p", "0"], "top_p"),
+        (["sample", "RUN", "--num-samples", "0"], "--num-samples"),
+    ],
+)
+def test_zero_or_negative_sizes_and_rates(capsys, run_dir, argv, name):
+    argv = [str(run_dir) if a == "RUN" else a for a in argv]
+    fails(capsys, argv, name)
+
+
+def test_resume_without_a_checkpoint(capsys, tmp_path):
+    fails(capsys, ["train", "--resume", str(tmp_path)], "no checkpoint")
+
+
+def test_resume_from_a_corrupt_checkpoint(capsys, tmp_path, run_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    (broken / "checkpoint" / "model.safetensors").write_bytes(b"\x00" * 20)
+    fails(capsys, ["train", "--resume", str(broken), "--steps", "20"], "model.safetensors")
+    (broken / "checkpoint" / "config.json").write_text("[1, 2")
+    fails(capsys, ["sample", str(broken)], "config.json")
+
+
+def test_settings_that_disagree_with_the_checkpoint(capsys, run_dir):
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    fails(capsys, ["train", "--resume", str(run_dir), "--n-embd", "32"], "n_embd", "disagrees")
+    fails(capsys, ["train", "--resume", str(run_dir), "--no-tie-weights"], "tie_weights")
+    fails(capsys, ["train", "--resume", str(run_dir)], "10 of its 10 steps", "--steps")
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_out_that_already_holds_a_run(capsys, run_dir, text_file):
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    fails(
+        capsys,
+        ["train", "--text", str(text_file), "--out", str(run_dir), *TINY],
+        "already holds",
+        "--resume",
+        "--overwrite",
+    )
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+
+
+def test_overwrite_starts_over(tmp_path, run_dir, text_file):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    argv = ["train", "--text", str(text_file), "--out", str(copy), "--steps", "5", *TINY]
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert load_checkpoint(copy).step == 5
+    assert [json.loads(line)["step"] for line in open(copy / "metrics.jsonl")] == [5]
+
+
+def test_config_file(capsys, tmp_path, text_file):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"n_layer": 1, "n_leyer": 2, "colour": "red"}))
+    fails(capsys, ["train", "--config", str(bad)], "bad.json", "colour", "n_leyer")
+    bad.write_text("{")
+    fails(capsys, ["train", "--config", str(bad)], "bad.json", "JSON")
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"n_layer": 1, "n_head": 2, "n_embd": 32, "steps": 2, "lr": 5e-3}))
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(good), "--text", str(text_file), "--out", str(out)]
+    assert cli.main([*argv, "--n-embd", "16", "--block-size", "16", "--quiet"]) == 0
+    saved = load_checkpoint(out)
+    assert saved.model_config.n_embd == 16  # the flag beats the file
+    assert saved.train_config["lr"] == 5e-3 and saved.train_config["steps"] == 2  # from the file
+
+
+def test_gpu_without_cupy(capsys, text_file, tmp_path):
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("CuPy is installed; the missing-GPU message cannot be seen here")
+    except ImportError:
+        pass
+    out = tmp_path / "run"
+    fails(
+        capsys,
+        ["train", "--text", str(text_file), "--out", str(out), "--device", "gpu"],
+        "CuPy",
+        "pip install",
+    )
+    assert not out.exists()
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(capsys, monkeypatch, tmp_path, text_file):
+    calls = {"n": 0}
+    backward = GPT.backward
+
+    def backward_then_interrupt(self):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return backward(self)
+
+    monkeypatch.setattr(GPT, "backward", backward_then_interrupt)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--text", str(text_file), "--out", str(out), "--steps", "10", *TINY])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert f"tinylm train --resume {out}" in err
+    assert load_checkpoint(out).step == 6
+
+    monkeypatch.setattr(GPT, "backward", backward)
+    assert cli.main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert load_checkpoint(out).step == 10
+
+
+# -- the whole command, in a separate process -------------------------------------------------
+
+
+def test_python_m_tinylm_end_to_end(tmp_path, text_file):
+    out = tmp_path / "run"
+
+    def tinylm(*args):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tinylm", *args], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    log = tinylm("train", "--steps", "3", "--text", str(text_file), "--out", str(out),
+                 *[a for a in TINY if a != "--quiet"])  # fmt: skip
+    assert "step 3 | train loss" in log and "val loss" in log
+    assert {"metrics.jsonl", "loss.png", "samples.txt", "checkpoint"} <= {
+        p.name for p in out.iterdir()
+    }
+
+    text = tinylm("sample", str(out), "--prompt", "The ", "--max-new-tokens", "20", "--seed", "1")
+    assert text.startswith("The ") and len(text.rstrip("\n")) == 24
+    greedy = [tinylm("sample", str(out), "--temperature", "0", "--max-new-tokens", "15", *flag)
+              for flag in ([], ["--no-cache"])]  # fmt: skip
+    assert greedy[0] == greedy[1]  # the KV cache changes the speed, not the text
+
+    assert "perplexity" in tinylm("eval", str(out))
+    assert "perplexity" in tinylm("eval", str(out), "--text", str(text_file))
+    info = tinylm("info", str(out), "--verbose")
+    assert "step 3 of 3" in info and "wte.weight" in info and "metrics.jsonl" in info
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "info", "gradcheck"])
+def test_help(capsys, command):
+    assert cli.main([command, "--help"]) == 0
+    assert "default" in capsys.readouterr().out
