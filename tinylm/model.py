@@ -417,9 +417,9 @@ class GPT:
         reads the last block_size tokens. With use_cache, each layer keeps the keys and values
         of the tokens it has read, so a new token costs one position's work (O(T)) instead of a
         forward over the whole window (O(T^2)). Once the text outgrows block_size the window
-        slides; learned positions then shift under every cached key, so the window is read
-        afresh (and cached again) at each step. Returns a NumPy int64 array (B, T + new),
-        stopping early if every sequence has produced stop_id.
+        slides; learned positions then shift under every cached key, so from then on each
+        step reads the whole window afresh, as without the cache. Returns a NumPy int64 array
+        (B, T + new), stopping early if every sequence has produced stop_id.
         """
         from tinylm.sample import check_sampling_args, sample_next
 
@@ -437,17 +437,19 @@ class GPT:
         was_training, self.training = self.training, False
         xp, block = self.xp, self.config.block_size
         out = idx.astype(np.int64)
-        kv_caches, cached_len = None, 0
+        kv_caches = [{} for _ in range(self.config.n_layer)] if use_cache else None
+        cached_len = 0  # how many tokens the key/value cache holds
         try:
             for _ in range(int(max_new_tokens)):
                 window_start = max(0, out.shape[1] - block)
-                if use_cache and kv_caches is not None and window_start == 0:
+                if kv_caches is not None and window_start == 0:
                     new = out[:, cached_len:]  # only the tokens the cache has not seen
+                    logits = self._forward_inference(xp.asarray(new), kv_caches, cached_len)
+                    cached_len += new.shape[1]
                 else:
-                    kv_caches = [{} for _ in range(self.config.n_layer)] if use_cache else None
-                    new, cached_len = out[:, window_start:], 0
-                logits = self._forward_inference(xp.asarray(new), kv_caches, cached_len)
-                cached_len += new.shape[1]
+                    # No cache, or the window has slid: positions shifted under every cached
+                    # key, so the whole window is read afresh (and no cache is kept).
+                    logits = self._forward_inference(xp.asarray(out[:, window_start:]))
                 last = to_numpy(logits[:, -1, :]).astype(np.float64)  # (B, V)
                 next_ids = sample_next(last, temperature, top_k, top_p, rng)  # (B,)
                 out = np.concatenate([out, next_ids[:, None]], axis=1)
