@@ -171,7 +171,22 @@ def _shorten(items, head=40, tail=5):
     return ", ".join(reprs)
 
 
-class CharTokenizer:
+class _SavedAsJSON:
+    """save/load for both tokenizers: the JSON file holds to_dict(), read back by from_dict()."""
+
+    def save(self, path):
+        _write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path):
+        d = _read_json(path)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"tokenizer file {str(path)!r}: {e}") from e
+
+
+class CharTokenizer(_SavedAsJSON):
     """One id per character: ids 0..n-1 are the sorted distinct characters of ``text``, id n is EOT.
 
     >>> tok = CharTokenizer("hello")
@@ -235,17 +250,6 @@ class CharTokenizer:
             raise ValueError('"chars" must be sorted and free of duplicates')
         return cls("".join(chars))
 
-    def save(self, path):
-        _write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path):
-        d = _read_json(path)
-        try:
-            return cls.from_dict(d)
-        except ValueError as e:
-            raise ValueError(f"tokenizer file {str(path)!r}: {e}") from e
-
     def __repr__(self):
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
@@ -294,7 +298,7 @@ def _pairs(ids):
     return Counter(pairwise(ids))
 
 
-class BPETokenizer:
+class BPETokenizer(_SavedAsJSON):
     """Byte-level BPE: ids 0..255 are bytes, 256.. are learned merges, the last id is EOT.
 
     Attributes:
@@ -501,17 +505,6 @@ class BPETokenizer:
                 f"256 + {len(merges)} + 1 = {tok.vocab_size}"
             )
         return tok
-
-    def save(self, path):
-        _write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path):
-        d = _read_json(path)
-        try:
-            return cls.from_dict(d)
-        except ValueError as e:
-            raise ValueError(f"tokenizer file {str(path)!r}: {e}") from e
 
     def __repr__(self):
         return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)})"
