@@ -405,6 +405,9 @@ def attention_forward(q, k, v, causal=True, key_padding_mask=None, use_kernel=Tr
         from tinylm import cuda
 
         if cuda.kernel_supports(q, k, v, causal, key_padding_mask):
+            # The kernel reads contiguous (B, H, T, D) arrays; copy once here and cache the
+            # copies, so the backward does not copy again.
+            q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
             out, lse = cuda.flash_attention_forward(
                 q, k, v, causal=causal, key_padding_mask=key_padding_mask
             )
