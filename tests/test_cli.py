@@ -257,3 +257,32 @@ def test_python_m_tinylm_end_to_end(tmp_path, text_file):
 def test_help(capsys, command):
     assert cli.main([command, "--help"]) == 0
     assert "default" in capsys.readouterr().out
+
+
+def test_resume_given_the_checkpoint_directory_continues_the_run(tmp_path, run_dir):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(run_dir, run)
+    assert cli.main(["train", "--resume", str(run / "checkpoint"), "--steps", "12"]) == 0
+    assert load_checkpoint(run).step == 12  # the run directory's own checkpoint moved on
+    assert not (run / "checkpoint" / "checkpoint").exists()
+
+
+def test_eval_refuses_a_training_text_that_changed(capsys, tmp_path, text_file):
+    text = tmp_path / "text.txt"
+    text.write_text(text_file.read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--text", str(text), "--out", str(out), "--steps", "3", *TINY]) == 0
+    text.write_text(SENTENCE * 20, encoding="utf-8")
+    fails(capsys, ["eval", str(out)], "has changed since the run was trained")
+
+
+def test_out_of_memory_is_one_line(capsys, monkeypatch, text_file):
+    import tinylm.train  # noqa: F401  (the module, which `tinylm.train` the function hides)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(sys.modules["tinylm.train"], "train", no_memory)
+    fails(capsys, ["train", "--text", str(text_file), "--steps", "2"], "out of memory")

@@ -762,13 +762,16 @@ def test_float32_forward_matches_float64_and_stays_float32(name):
     out32, cache32 = forward(**inputs32)
     assert out32.dtype == np.float32
     assert rel_error(out32, out64) <= 1e-5
-    # the backward stays in float32 too
-    dout = np.ones(np.shape(out32), dtype=np.float32)
-    grads = forward_backward_of(name)(dout, cache32)
-    grads = grads if isinstance(grads, tuple) else (grads,)
-    for g in grads:
-        if g is not None:
-            assert g.dtype == np.float32, name
+    # the backward stays in float32 too, and agrees with float64
+    dout = np.random.default_rng(3).standard_normal(np.shape(out32))
+    grads32 = forward_backward_of(name)(dout.astype(np.float32), cache32)
+    grads64 = forward_backward_of(name)(dout, cache64)
+    grads32 = grads32 if isinstance(grads32, tuple) else (grads32,)
+    grads64 = grads64 if isinstance(grads64, tuple) else (grads64,)
+    for g32, g64 in zip(grads32, grads64, strict=True):
+        if g32 is not None:
+            assert g32.dtype == np.float32, name
+            assert rel_error(g32, g64) <= 1e-5, name
 
 
 def forward_backward_of(name):
@@ -912,7 +915,23 @@ def test_cross_entropy_rejects_bad_targets():
         layers.cross_entropy_forward(logits, np.zeros((2, 3)))
 
 
-@pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, "0.1", None])
 def test_dropout_rejects_bad_p(p):
-    with pytest.raises(ValueError, match=re.escape(f"dropout p must be in [0, 1), got {p}")):
+    expected = f"dropout p must be a number in [0, 1), got {p!r}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
         layers.dropout_forward(np.zeros(3), p, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, "1e-5"])
+def test_layernorm_rejects_bad_eps(eps):
+    ones = np.ones(4)
+    with pytest.raises(ValueError, match=re.escape(f"eps must be a positive number, got {eps!r}")):
+        layers.layernorm_forward(np.zeros((2, 4)), ones, ones, eps=eps)
+
+
+def test_numpy_scalar_hyperparameters_keep_float32():
+    x = np.ones((2, 4), dtype=np.float32)
+    out, _ = layers.layernorm_forward(x, x[0], x[0], eps=np.float64(1e-5))
+    assert out.dtype == np.float32
+    out, _ = layers.dropout_forward(x, np.float64(0.5), np.random.default_rng(0))
+    assert out.dtype == np.float32

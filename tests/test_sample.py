@@ -345,3 +345,13 @@ def test_generate_rejects_bad_input():
 def test_generate_rejects_a_one_dimensional_prompt():
     with pytest.raises(ValueError, match=re.escape("idx must have shape (B, T)")):
         random_model().generate(np.array([1, 2, 3]), 2)
+
+
+def test_stop_id_waits_for_every_sequence():
+    model = random_model("learned", seed=10)
+    idx = np.array([[3, 9, 2], [2, 7, 6]], dtype=np.int64)
+    free = model.generate(idx, 8, temperature=0)
+    stop = int(free[0, 3])  # row 0 produces it at once; row 1 only at its second token
+    assert free[1, 3] != stop and free[1, 4] == stop and free[0, 4] != stop  # the case we test
+    stopped = model.generate(idx, 8, temperature=0, stop_id=stop)
+    np.testing.assert_array_equal(stopped, free[:, :5])

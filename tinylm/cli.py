@@ -14,6 +14,7 @@ command that resumes, and exits with status 130.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -267,6 +268,12 @@ def cmd_eval(args) -> int:
     else:
         cfg = TrainConfig.from_dict(ckpt.train_config, source=f"{ckpt.path / 'config.json'}")
         text = data_io.load_text(cfg.text) if cfg.text else data_io.load_corpus(cfg.corpus)
+        text_sha256 = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+        if ckpt.extra.get("text_sha256") not in (None, text_sha256):
+            raise ValueError(
+                f"{cfg.text or 'the corpus'} has changed since the run was trained, so its "
+                "validation split is not the run's; pass --text to evaluate on a text as it is"
+            )
         _, ids = split_tokens(cfg, ckpt.tokenizer, text)
         what = f"the validation split of {cfg.text or 'corpus ' + cfg.corpus}"
     model = ckpt.build_model(args.device)
@@ -425,6 +432,13 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         message = " ".join(str(err).split())  # one line, whatever the message holds
         print(f"tinylm: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print(
+            "tinylm: error: out of memory; choose smaller sizes "
+            "(--n-embd, --n-layer, --block-size, --batch-size, --vocab-size)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ntinylm: interrupted", file=sys.stderr)

@@ -105,7 +105,7 @@ def sinusoidal_positions(T, C, dtype=np.float64):
         PE[pos, 2i]   = sin(pos / 10000^(2i / C))
         PE[pos, 2i+1] = cos(pos / 10000^(2i / C))
 
-    Each pair of channels is a clock of its own wavelength, from 2*pi up to 10000*2*pi.
+    Each pair of channels is a clock of its own wavelength, from 2*pi up to nearly 10000*2*pi.
     It has no parameters, so it has no backward. An odd C drops the last cosine.
     """
     if int(T) != T or T < 1 or int(C) != C or C < 1:
@@ -133,7 +133,7 @@ def linear_forward(x, W, b=None):
     _check_float("x", x)
     _check_float("W", W)
     _check_ndim("W", W, 2, "(Cin, Cout)")
-    if x.shape[-1] != W.shape[0]:
+    if x.ndim < 1 or x.shape[-1] != W.shape[0]:
         raise ValueError(
             f"x: last dimension must equal W's first (Cin = {W.shape[0]}), "
             f"got x of shape {tuple(x.shape)}"
@@ -187,6 +187,11 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     _check_float("x", x)
     _check_float("gamma", gamma)
     _check_float("beta", beta)
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least one axis (..., C), got shape {tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    eps = float(eps)
     C = x.shape[-1]
     if gamma.shape != (C,) or beta.shape != (C,):
         raise ValueError(
@@ -470,7 +475,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
     """
     _check_float("logits", logits)
     _check_int("targets", targets)
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+    if logits.ndim < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"targets must have the shape of logits without its last axis, "
             f"{tuple(logits.shape[:-1])}, got {tuple(targets.shape)}"
@@ -531,8 +536,9 @@ def dropout_forward(x, p, rng):
     rng is a numpy.random.Generator (the mask is drawn on the host and moved with x).
     """
     _check_float("x", x)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be a number in [0, 1), got {p!r}")
+    p = float(p)  # a Python float keeps float32 math in float32
     if p == 0.0:
         return x, None
     xp = get_array_module(x)

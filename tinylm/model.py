@@ -63,6 +63,11 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
                 raise TypeError(f"GPTConfig.{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))  # a Python float keeps float32 math in float32
+        for name in ("bias", "tie_weights"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"GPTConfig.{name} must be True or False, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.positions not in ("learned", "sinusoidal"):
@@ -135,6 +140,8 @@ class GPT:
     def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
         if np.dtype(dtype) not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.config = config
         self.dtype = np.dtype(dtype)
         self.device = "cpu"
@@ -419,7 +426,8 @@ class GPT:
         forward over the whole window (O(T^2)). Once the text outgrows block_size the window
         slides; learned positions then shift under every cached key, so from then on each
         step reads the whole window afresh, as without the cache. Returns a NumPy int64 array
-        (B, T + new), stopping early if every sequence has produced stop_id.
+        (B, T + new), stopping early once every sequence has produced stop_id (those that
+        produced it earlier go on sampling until then).
         """
         from tinylm.sample import check_sampling_args, sample_next
 
@@ -439,6 +447,7 @@ class GPT:
         out = idx.astype(np.int64)
         kv_caches = [{} for _ in range(self.config.n_layer)] if use_cache else None
         cached_len = 0  # how many tokens the key/value cache holds
+        stopped = np.zeros(out.shape[0], dtype=bool)  # which sequences have produced stop_id
         try:
             for _ in range(int(max_new_tokens)):
                 window_start = max(0, out.shape[1] - block)
@@ -453,8 +462,10 @@ class GPT:
                 last = to_numpy(logits[:, -1, :]).astype(np.float64)  # (B, V)
                 next_ids = sample_next(last, temperature, top_k, top_p, rng)  # (B,)
                 out = np.concatenate([out, next_ids[:, None]], axis=1)
-                if stop_id is not None and bool((next_ids == stop_id).all()):
-                    break
+                if stop_id is not None:
+                    stopped |= next_ids == stop_id
+                    if stopped.all():
+                        break
         finally:
             self.training = was_training
         return out

@@ -369,7 +369,7 @@ def lr_schedule(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr:
                                            r = (step - warmup_steps) / (max_steps - warmup_steps)
         step >= max_steps:                 min_lr
 
-    The warmup is nanoGPT's: step 0 already gets lr / warmup_steps (not 0, which would waste a
+    The warmup: step 0 already gets lr / warmup_steps (not 0, which would waste a
     step), and step warmup_steps - 1 reaches lr. The cosine starts at lr (r = 0) and ends at
     min_lr (r = 1). Returns a Python float.
     """

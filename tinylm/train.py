@@ -21,8 +21,11 @@ checkpoint rewritten (RUN_DIR/checkpoint/, see checkpoint.py).
 
 A run resumed from its checkpoint continues bit for bit on the CPU: the checkpoint holds the
 parameters, AdamW's moments and step count, and the states of the two random streams (the batch
-sampler's and the model's dropout masks), and the learning rate depends only on the step number.
-So 2N steps in one go and N steps plus N resumed give the same losses and the same parameters.
+sampler's and the model's dropout masks), and the learning rate depends only on the step number
+and the schedule. So a run interrupted after N of its 2N steps and resumed gives the same losses
+and parameters as 2N steps in one go; so does a run of N steps extended with --steps 2N, when both
+runs were given the same schedule (--lr-decay-steps 2N). Without it, a resumed run keeps the
+schedule it was trained on: the cosine of the first N steps, then min_lr.
 
 Ctrl-C saves the checkpoint of the last finished step and raises TrainingInterrupted (a
 KeyboardInterrupt) saying how to resume. A Ctrl-C that arrives while the optimizer is changing the
@@ -167,6 +170,11 @@ class TrainConfig:
                 if not isinstance(value, (str, Path)) or not str(value):
                     raise ValueError(f"{name} must be a path, got {value!r}")
                 setattr(self, name, str(value))
+        if self.n_embd % self.n_head != 0:  # checked before any corpus is loaded
+            raise ValueError(
+                f"n_embd must be divisible by n_head, got n_embd={self.n_embd} "
+                f"and n_head={self.n_head}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,6 +192,7 @@ class TrainConfig:
         return cls(**d)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
+        """The model's settings; its checks (e.g. n_embd divisible by n_head) run here too."""
         return GPTConfig(
             vocab_size=vocab_size,
             block_size=self.block_size,
@@ -427,6 +436,7 @@ def _resolve_config(config, overrides) -> tuple[TrainConfig, ckpt_io.Checkpoint 
         )
 
     ckpt = ckpt_io.load_checkpoint(resume)
+    resume = str(ckpt.path.parent)  # the run directory, also when given its checkpoint/
     cfg_file = ckpt.path / "config.json"
     saved = TrainConfig.from_dict(ckpt.train_config, source=f"{cfg_file}: train_config")
     for name in FIXED_ON_RESUME:
@@ -599,9 +609,9 @@ class _Loop:
                         clip_grad_norm(grads, cfg.grad_clip)
                     guard.updating = True
                     optimizer.step(grads, lr=lr_now)
-                    guard.updating = False
                     self.step += 1
                     mid_step = False
+                    guard.updating = False  # only now may a Ctrl-C save: the step is complete
                     pending.append(loss)
                     dt = time.perf_counter() - t_step
                     interval_time += dt
