@@ -181,7 +181,6 @@ def cmd_sample(args) -> int:
 
     from tinylm.checkpoint import load_checkpoint
     from tinylm.sample import check_sampling_args
-    from tinylm.tokenizer import CharTokenizer
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -190,14 +189,10 @@ def cmd_sample(args) -> int:
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     ckpt = load_checkpoint(args.run_dir)
     tok = ckpt.tokenizer
-    if isinstance(tok, CharTokenizer):
-        unknown = sorted(set(args.prompt.replace("<|endoftext|>", "")) - set(tok.chars))
-        if unknown:
-            raise ValueError(
-                f"the prompt has {len(unknown)} character(s) that the run's vocabulary lacks: "
-                + ", ".join(repr(c) for c in unknown)
-            )
-    ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]  # empty: start from EOT
+    try:
+        ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]  # empty: start from EOT
+    except ValueError as err:  # e.g. characters a CharTokenizer has never seen
+        raise ValueError(f"--prompt: {err}") from err
     model = ckpt.build_model(args.device).eval()
     out = model.generate(
         np.array([ids] * args.num_samples),
