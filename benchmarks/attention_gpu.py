@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
+from report import write_report  # benchmarks/report.py
 
 
 def gpu_or_exit():
@@ -277,10 +276,7 @@ def main(argv=None):
         "kernel_check_max_relative_error": max_error,
         "results": rows,
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_report(args.json, results)
 
 
 if __name__ == "__main__":

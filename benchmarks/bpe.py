@@ -21,15 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
+from report import machine_info, write_report  # benchmarks/report.py
 
 from tinylm.tokenizer import BPETokenizer
 
@@ -43,17 +38,6 @@ def default_corpus():
 
         return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
     return load_corpus("pydoc")
-
-
-def cpu_model():
-    """The CPU's name from /proc/cpuinfo (Linux), else platform.processor() or the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn):
@@ -108,14 +92,7 @@ def main(argv=None):
         "decode_MB_per_s": round(mb / statistics.median(decode), 3),
         "tokens": len(ids),
         "bytes_per_token": round(n_bytes / len(ids), 3),
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "numpy": np.__version__,
-        },
+        "machine": machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     print(
@@ -125,10 +102,7 @@ def main(argv=None):
     print(f"decode: {results['decode_MB_per_s']:.2f} MB/s")
     print(f"compression: {len(ids):,} tokens, {results['bytes_per_token']:.3f} bytes per token")
 
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_report(args.json, results)
 
 
 if __name__ == "__main__":

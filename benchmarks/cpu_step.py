@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
+from report import machine_info, write_report  # benchmarks/report.py
 
 from tinylm import GPT, GPTConfig
 from tinylm.backend import keep_freed_memory
@@ -112,19 +109,12 @@ def main():
     report = {
         "benchmark": "cpu_step (forward + backward, float32, median)",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-        },
+        "machine": machine_info(),
         "malloc_keeps_freed_memory": malloc_tuned,
         "matmul_gflops": peak,
         "results": results,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from report import machine_info, write_report  # benchmarks/report.py
 
 from tinylm import cli
 from tinylm import data as data_io
@@ -45,35 +44,6 @@ from tinylm.train import (
     split_tokens,
     train,
 )
-
-
-def machine_info() -> dict:
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    blas = "unknown"
-    try:
-        cfg = np.show_config(mode="dicts")
-        blas = (
-            cfg["Build Dependencies"]["blas"]["name"]
-            + " "
-            + cfg["Build Dependencies"]["blas"]["version"]
-        )
-    except Exception:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "blas": blas,
-    }
 
 
 def profile(cfg: TrainConfig, n_steps: int) -> dict:
@@ -191,9 +161,7 @@ def main():
         f"{report['median_interval_ms_per_step']} ms/step -> "
         f"{report['train_seconds_at_median_speed']} s of training steps at that speed"
     )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
-from pathlib import Path
 
-import numpy as np
+from report import machine_info, write_report  # benchmarks/report.py
 
 import tinylm
 
@@ -85,14 +82,11 @@ def main():
     report = {
         "benchmark": "train_gpu: tinylm.train tokens/s on CPU and GPU",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": np.__version__},
+        "machine": machine_info(),
         "results": rows,
         "skipped": skipped,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":
