@@ -4,7 +4,7 @@ Causal attention, head size D = 64, B = 4 sequences x H = 12 heads (B*H = 48), f
 sequence lengths T. Each implementation is timed forward and backward separately:
 
     tinylm kernel      tinylm.cuda.flash_attention_forward / _backward (kernels/attention.cu)
-    tinylm reference   tinylm.layers.attention_forward(..., use_kernel=False) on CuPy arrays:
+    tinylm reference   tinylm.layers.attention_forward(...) on CuPy arrays (the layer itself):
                        builds the (T, T) score matrix; runs out of memory at large T
     torch math         torch scaled_dot_product_attention, math backend, float32, TF32 off
     torch mem-eff      torch scaled_dot_product_attention, memory-efficient backend, float32
@@ -102,8 +102,8 @@ def bench_tinylm(cupy, T, args, use_kernel):
         fwd = cupy_ms(lambda: cuda.flash_attention_forward(q, k, v, causal=True))
         bwd = cupy_ms(lambda: cuda.flash_attention_backward(dout, q, k, v, out, lse, causal=True))
     else:
-        _, cache = layers.attention_forward(q, k, v, causal=True, use_kernel=False)
-        fwd = cupy_ms(lambda: layers.attention_forward(q, k, v, causal=True, use_kernel=False))
+        _, cache = layers.attention_forward(q, k, v, causal=True)
+        fwd = cupy_ms(lambda: layers.attention_forward(q, k, v, causal=True))
         bwd = cupy_ms(lambda: layers.attention_backward(dout, cache))
     cupy.cuda.Device().synchronize()
     return fwd, bwd, pool.total_bytes() - base
@@ -157,7 +157,7 @@ def check_kernel(cupy):
     )
     out, lse = cuda.flash_attention_forward(q, k, v, causal=True)
     grads = cuda.flash_attention_backward(dout, q, k, v, out, lse, causal=True)
-    out_ref, cache = layers.attention_forward(q, k, v, causal=True, use_kernel=False)
+    out_ref, cache = layers.attention_forward(q, k, v, causal=True)
     grads_ref = layers.attention_backward(dout, cache)
     errors = [
         float(cupy.abs(a - b).max() / cupy.abs(b).max())

@@ -248,19 +248,19 @@ def test_wrapper_errors_name_the_argument():
 
 
 def test_layer_uses_the_kernel_and_agrees_with_the_reference_path():
-    from tinylm import layers
+    from tinylm import cuda, layers
 
     rng = np.random.default_rng(2)
     q, k, v, dout = (
         cupy.asarray(x, dtype=cupy.float32) for x in float32_inputs(rng, 2, 4, 100, 100, 64)
     )
-    out, cache = layers.attention_forward(q, k, v, causal=True)
-    assert cache[0] == "kernel"
-    out_ref, cache_ref = layers.attention_forward(q, k, v, causal=True, use_kernel=False)
-    assert cache_ref[0] == "reference"
+    out, cache = cuda.attention_forward(q, k, v, causal=True)
+    assert isinstance(cache, cuda.KernelCache)
+    out_ref, cache_ref = layers.attention_forward(q, k, v, causal=True)
+    assert not isinstance(cache_ref, cuda.KernelCache)
     assert rel(out, out_ref) < 1e-4
     for g, g_ref in zip(
-        layers.attention_backward(dout, cache),
+        cuda.attention_backward(dout, cache),
         layers.attention_backward(dout, cache_ref),
         strict=True,
     ):

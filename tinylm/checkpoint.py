@@ -44,6 +44,7 @@ import numpy as np
 import safetensors.numpy
 
 from tinylm.backend import to_numpy
+from tinylm.files import read_json_object
 from tinylm.model import GPT, GPTConfig, init_params
 from tinylm.tokenizer import tokenizer_from_dict
 
@@ -264,7 +265,7 @@ def load_checkpoint(path) -> Checkpoint:
 
     # config.json
     cfg_file = ckpt / "config.json"
-    config = _read_json(cfg_file)
+    config = read_json_object(cfg_file, "checkpoint file")
     if config.get("format") != FORMAT:
         raise ValueError(
             f'{cfg_file}: not a tinylm checkpoint ("format" is {config.get("format")!r})'
@@ -310,7 +311,7 @@ def load_checkpoint(path) -> Checkpoint:
 
     # optimizer.json + optimizer.safetensors
     opt_file = ckpt / "optimizer.json"
-    opt_scalars = _read_json(opt_file)
+    opt_scalars = read_json_object(opt_file, "checkpoint file")
     buffers = opt_scalars.pop("tensors", None)
     if not isinstance(buffers, list) or not all(isinstance(b, str) for b in buffers):
         raise ValueError(f"{opt_file}: 'tensors' must list the optimizer's buffer names")
@@ -323,7 +324,7 @@ def load_checkpoint(path) -> Checkpoint:
 
     # rng.json
     rng_file = ckpt / "rng.json"
-    rng_state = _read_json(rng_file)
+    rng_state = read_json_object(rng_file, "checkpoint file")
     for key in ("batch", "dropout"):
         try:
             make_rng(rng_state.get(key))
@@ -342,16 +343,6 @@ def load_checkpoint(path) -> Checkpoint:
         rng_state={"batch": rng_state["batch"], "dropout": rng_state["dropout"]},
         extra=config["extra"],
     )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
 
 
 def _read_safetensors(path: Path) -> dict:

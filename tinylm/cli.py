@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import shlex
 import sys
-from pathlib import Path
 
 EXIT_USAGE = 2  # bad input, as argparse
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -67,15 +65,9 @@ def cmd_train(args) -> int:
 
 def _read_config_file(path, known) -> dict:
     """The settings of a --config JSON file: an object whose keys are TrainConfig's fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from err
-    if not isinstance(settings, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a JSON object of settings")
+    from tinylm.files import read_json_object
+
+    settings = read_json_object(path, "config file")
     unknown = sorted(set(settings) - set(known))
     if unknown:
         raise ValueError(

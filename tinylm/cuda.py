@@ -1,12 +1,12 @@
 """Fused FlashAttention on the GPU: the Python side of kernels/attention.cu.
 
-The attention layer calls this file when its inputs are CuPy arrays, instead of building the
-(T, T) score matrix:
+On the GPU the model calls ``cuda.attention_forward`` / ``cuda.attention_backward`` in place of
+the layer pair ``layers.attention_forward`` / ``layers.attention_backward``: the same signatures,
+the same results, but without building the (T, T) score matrix. Where the kernel does not apply
+(float64, a head size it was not built for, NumPy input) they call the layer itself. Underneath:
 
-    if cuda.kernel_supports(q, k, v, causal, key_padding_mask):
-        out, lse = cuda.flash_attention_forward(q, k, v, causal, key_padding_mask)
-        dq, dk, dv = cuda.flash_attention_backward(dout, q, k, v, out, lse, causal,
-                                                   key_padding_mask)
+    out, lse = cuda.flash_attention_forward(q, k, v, causal, key_padding_mask)
+    dq, dk, dv = cuda.flash_attention_backward(dout, q, k, v, out, lse, causal, key_padding_mask)
 
 Legend: B batch, H heads, Tq query positions, Tk key positions, D head size.
     q (B,H,Tq,D), k and v (B,H,Tk,D), out (B,H,Tq,D), lse (B,H,Tq), all float32 CuPy arrays;
@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tinylm import layers
 from tinylm.backend import is_cupy_array
 
 SUPPORTED_HEAD_SIZES = (32, 64, 96, 128)  # the D the kernels are instantiated for
@@ -323,3 +325,46 @@ def flash_attention_backward(dout, q, k, v, out, lse, causal=True, key_padding_m
         shared_mem=_backward_smem_bytes(D),
     )
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------ the layer pair
+
+
+@dataclass
+class KernelCache:
+    """What attention_backward needs from a kernel forward: the contiguous inputs, out and lse."""
+
+    q: object
+    k: object
+    v: object
+    out: object
+    lse: object
+    causal: bool
+    key_padding_mask: object
+
+
+def attention_forward(q, k, v, causal=True, key_padding_mask=None):
+    """layers.attention_forward on the GPU: the fused kernel where it applies, else the layer.
+
+    Same inputs and outputs as layers.attention_forward; the cache is a KernelCache when the
+    kernel ran (then no (Tq, Tk) matrix was built), else the layer's own cache.
+    """
+    if not kernel_supports(q, k, v, causal, key_padding_mask):
+        return layers.attention_forward(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    import cupy
+
+    # The kernel reads contiguous (B, H, T, D) arrays; copy once here and keep the copies, so
+    # the backward does not copy again.
+    q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
+    out, lse = flash_attention_forward(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    return out, KernelCache(q, k, v, out, lse, causal, key_padding_mask)
+
+
+def attention_backward(dout, cache):
+    """layers.attention_backward on the GPU: (dq, dk, dv) from whichever forward made ``cache``."""
+    if not isinstance(cache, KernelCache):
+        return layers.attention_backward(dout, cache)
+    c = cache
+    return flash_attention_backward(
+        dout, c.q, c.k, c.v, c.out, c.lse, causal=c.causal, key_padding_mask=c.key_padding_mask
+    )

@@ -35,13 +35,13 @@ FLOAT_DTYPES = (np.float32, np.float64)
 # ---------------------------------------------------------------------------
 
 
-def _check_float(name, x):
+def _check_float_array(name, x):
     if not hasattr(x, "dtype") or x.dtype not in FLOAT_DTYPES:
         got = getattr(x, "dtype", type(x).__name__)
         raise TypeError(f"{name} must be a float32 or float64 array, got {got}")
 
 
-def _check_int(name, x):
+def _check_int_array(name, x):
     if not hasattr(x, "dtype") or x.dtype.kind not in "iu":
         got = getattr(x, "dtype", type(x).__name__)
         raise TypeError(f"{name} must be an integer array of token ids, got {got}")
@@ -65,8 +65,8 @@ def embedding_forward(idx, W):
 
     The lookup is the same as one_hot(idx) @ W, without building the one-hot matrix.
     """
-    _check_int("idx", idx)
-    _check_float("W", W)
+    _check_int_array("idx", idx)
+    _check_float_array("W", W)
     _check_ndim("W", W, 2, "(V, C)")
     xp = get_array_module(idx, W)
     V = W.shape[0]
@@ -130,8 +130,8 @@ def linear_forward(x, W, b=None):
     Inputs:  x (..., Cin), W (Cin, Cout) (the layout of GPT-2's checkpoints), b (Cout,) or None.
     Returns: out (..., Cout), and the cache (x, W, has_bias).
     """
-    _check_float("x", x)
-    _check_float("W", W)
+    _check_float_array("x", x)
+    _check_float_array("W", W)
     _check_ndim("W", W, 2, "(Cin, Cout)")
     if x.ndim < 1 or x.shape[-1] != W.shape[0]:
         raise ValueError(
@@ -142,7 +142,7 @@ def linear_forward(x, W, b=None):
     # multiply is much faster than a batch of small ones.
     out = (x.reshape(-1, W.shape[0]) @ W).reshape(*x.shape[:-1], W.shape[1])  # (..., Cout)
     if b is not None:
-        _check_float("b", b)
+        _check_float_array("b", b)
         if b.shape != (W.shape[1],):
             raise ValueError(f"b must have shape ({W.shape[1]},), got {tuple(b.shape)}")
         out += b
@@ -184,9 +184,9 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     The cache keeps x, gamma, mu and rstd, which is all the backward needs (xhat is
     recomputed there from them, as llm.c does, instead of storing a second (..., C) tensor).
     """
-    _check_float("x", x)
-    _check_float("gamma", gamma)
-    _check_float("beta", beta)
+    _check_float_array("x", x)
+    _check_float_array("gamma", gamma)
+    _check_float_array("beta", beta)
     if x.ndim < 1:
         raise ValueError(f"x must have at least one axis (..., C), got shape {tuple(x.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps > 0:
@@ -251,7 +251,7 @@ def gelu_forward(x):
     GELU runs on the widest activation, (B, T, 4C), so it is written as in-place steps on
     two buffers: NumPy would allocate a fresh (B, T, 4C) array for every operator otherwise.
     """
-    _check_float("x", x)
+    _check_float_array("x", x)
     xp = get_array_module(x)
     tanh_u = x * x
     tanh_u *= _GELU_A
@@ -292,7 +292,7 @@ def gelu_backward(dout, cache):
 
 def relu_forward(x):
     """out = max(x, 0). The cache keeps the mask x > 0."""
-    _check_float("x", x)
+    _check_float_array("x", x)
     mask = x > 0
     return x * mask, mask
 
@@ -316,7 +316,7 @@ def softmax_forward(x, axis=-1):
     overflowing. A row that is entirely -inf (every position masked) gives zeros, not NaN:
     its max is replaced by 0, so every exp is exp(-inf) = 0 and the row sum is 0.
     """
-    _check_float("x", x)
+    _check_float_array("x", x)
     xp = get_array_module(x)
     m = x.max(axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0)  # -inf rows: subtract 0 instead of -inf (no inf - inf)
@@ -361,7 +361,7 @@ def attention_mask(Tq, Tk, causal=True, key_padding_mask=None, xp=np):
 
 def _check_attention_inputs(q, k, v, causal, key_padding_mask):
     for name, a in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, a)
+        _check_float_array(name, a)
         _check_ndim(name, a, 4, "(B, H, T, D)")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
@@ -389,35 +389,24 @@ def _check_attention_inputs(q, k, v, causal, key_padding_mask):
             )
 
 
-def attention_forward(q, k, v, causal=True, key_padding_mask=None, use_kernel=True):
+def attention_forward(q, k, v, causal=True, key_padding_mask=None):
     """Attention(Q, K, V) = softmax(Q K^T / sqrt(D) + mask) V, for every batch and head at once.
 
     Inputs:  q (B, H, Tq, D); k, v (B, H, Tk, D) (Tq = Tk = T in training);
              causal: query i sees only keys up to its own position;
              key_padding_mask: bool (B, Tk), True marks a padded key no query may attend to.
-             use_kernel: on the GPU, use the fused CUDA kernel (tinylm/cuda.py) when it
-             supports the input; the CuPy reference below is then skipped.
     Returns: out (B, H, Tq, D) and the cache. A query with no allowed key gets output 0.
 
         S = Q K^T * scale          (B, H, Tq, Tk), scale = 1/sqrt(D)
         S = -inf where masked
         P = softmax(S) over keys   (B, H, Tq, Tk)
         O = P V                    (B, H, Tq, D)
+
+    This builds the whole (Tq, Tk) matrix P. On a GPU the model uses tinylm/cuda.py's fused
+    kernel instead, which has this signature and never holds P (see tinylm/flash.py).
     """
     _check_attention_inputs(q, k, v, causal, key_padding_mask)
     xp = get_array_module(q, k, v)
-    if xp is not np and use_kernel:
-        from tinylm import cuda
-
-        if cuda.kernel_supports(q, k, v, causal, key_padding_mask):
-            # The kernel reads contiguous (B, H, T, D) arrays; copy once here and cache the
-            # copies, so the backward does not copy again.
-            q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
-            out, lse = cuda.flash_attention_forward(
-                q, k, v, causal=causal, key_padding_mask=key_padding_mask
-            )
-            return out, ("kernel", q, k, v, out, lse, causal, key_padding_mask)
-
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D)
     scores = (q @ k.swapaxes(-1, -2)) * scale  # (B,H,Tq,D) @ (B,H,D,Tk) -> (B,H,Tq,Tk)
@@ -426,7 +415,7 @@ def attention_forward(q, k, v, causal=True, key_padding_mask=None, use_kernel=Tr
         scores = xp.where(allowed, scores, -xp.inf)
     probs, _ = softmax_forward(scores, axis=-1)  # (B, H, Tq, Tk)
     out = probs @ v  # (B,H,Tq,Tk) @ (B,H,Tk,D) -> (B,H,Tq,D)
-    return out, ("reference", q, k, v, probs, scale)
+    return out, (q, k, v, probs, scale)
 
 
 def attention_backward(dout, cache):
@@ -441,14 +430,7 @@ def attention_backward(dout, cache):
     Masked entries have P = 0, so dS = 0 there: no gradient flows through a mask.
     Returns (dq, dk, dv).
     """
-    if cache[0] == "kernel":
-        from tinylm import cuda
-
-        _, q, k, v, out, lse, causal, key_padding_mask = cache
-        return cuda.flash_attention_backward(
-            dout, q, k, v, out, lse, causal=causal, key_padding_mask=key_padding_mask
-        )
-    _, q, k, v, probs, scale = cache
+    q, k, v, probs, scale = cache
     dv = probs.swapaxes(-1, -2) @ dout
     dprobs = dout @ v.swapaxes(-1, -2)
     dscores = softmax_backward(dprobs, (probs, -1))
@@ -473,8 +455,8 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
              size 1e4 neither overflow nor lose the answer. The loss is 0 when every target
              is ignored (nothing to average, and nothing to learn from).
     """
-    _check_float("logits", logits)
-    _check_int("targets", targets)
+    _check_float_array("logits", logits)
+    _check_int_array("targets", targets)
     if logits.ndim < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"targets must have the shape of logits without its last axis, "
@@ -535,7 +517,7 @@ def dropout_forward(x, p, rng):
     so E[out] = x and nothing needs rescaling at evaluation time. p = 0 is the identity.
     rng is a numpy.random.Generator (the mask is drawn on the host and moved with x).
     """
-    _check_float("x", x)
+    _check_float_array("x", x)
     if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p must be a number in [0, 1), got {p!r}")
     p = float(p)  # a Python float keeps float32 math in float32

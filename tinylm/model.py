@@ -152,6 +152,7 @@ class GPT:
         if config.positions == "sinusoidal":
             self._pe = layers.sinusoidal_positions(config.block_size, config.n_embd, self.dtype)
         self._caches = None
+        self.use_kernel = True  # on the GPU, attention runs in the fused kernel (tinylm/cuda.py)
         if get_backend() == "cupy":  # tinylm.set_backend("cupy"): new models live on the GPU
             self.to("gpu")
 
@@ -260,7 +261,8 @@ class GPT:
                 k = xp.concatenate([kv_cache["k"], k], axis=2)  # (B, H, T_past + T, D)
                 v = xp.concatenate([kv_cache["v"], v], axis=2)
             kv_cache["k"], kv_cache["v"] = k, v
-        a, cache = layers.attention_forward(q, k, v, causal=True)  # (B, H, T, D)
+        attention_forward, _ = self._attention_pair()
+        a, cache = attention_forward(q, k, v, causal=True)  # (B, H, T, D)
         if c is not None:
             c["attn"] = cache
         a = a.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads: (B, T, H, D) -> (B, T, C)
@@ -276,6 +278,15 @@ class GPT:
         if caches is not None:
             caches[i] = c
         return x
+
+    def _attention_pair(self):
+        """The attention forward/backward to call: layers.py's on the CPU; on the GPU the fused
+        CUDA kernel of tinylm/cuda.py (same signatures), unless use_kernel is False."""
+        if self.device == "gpu" and self.use_kernel:
+            from tinylm import cuda
+
+            return cuda.attention_forward, cuda.attention_backward
+        return layers.attention_forward, layers.attention_backward
 
     def _bias(self, name, C):
         """A LayerNorm bias, or zeros when the model has none (bias=False)."""
@@ -383,7 +394,8 @@ class GPT:
         dy = layers.dropout_backward(dx, c["drop_attn"])
         da = linear_back(dy, "attn.c_proj")  # (B, T, C)
         da = da.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # undo the head merge: (B, H, T, D)
-        dq, dk, dv = layers.attention_backward(da, c["attn"])
+        _, attention_backward = self._attention_pair()
+        dq, dk, dv = attention_backward(da, c["attn"])
         # undo the split: 3 x (B, H, T, D) -> (B, T, 3, H, D) -> (B, T, 3C)
         dqkv = xp.empty((B, T, 3, H, D), dtype=dx.dtype)
         dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)

@@ -69,7 +69,8 @@ import re
 import time
 from collections import Counter, defaultdict
 from itertools import pairwise
-from pathlib import Path
+
+from tinylm.files import read_json_object, write_atomic
 
 EOT = "<|endoftext|>"
 
@@ -134,18 +135,7 @@ def _write_json(path, d):
             lines.append(f"  {json.dumps(key)}: [\n{items}\n  ]")
         else:
             lines.append(f"  {json.dumps(key)}: {json.dumps(value)}")
-    Path(path).write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
-
-
-def _read_json(path):
-    """Read a JSON file; every failure names the path and says what was wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {str(path)!r}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"tokenizer file {str(path)!r} is not valid JSON: {e}") from e
+    write_atomic(path, "{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def _check_header(d, expected_type):
@@ -179,7 +169,7 @@ class _SavedAsJSON:
 
     @classmethod
     def load(cls, path):
-        d = _read_json(path)
+        d = read_json_object(path, "tokenizer file")
         try:
             return cls.from_dict(d)
         except ValueError as e:
