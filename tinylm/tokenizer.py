@@ -69,6 +69,9 @@ import re
 import time
 from collections import Counter, defaultdict
 from itertools import pairwise
+from pathlib import Path
+
+import regex
 
 from tinylm.files import read_json_object, write_atomic
 
@@ -138,14 +141,15 @@ def _write_json(path, d):
     write_atomic(path, "{\n" + ",\n".join(lines) + "\n}\n")
 
 
-def _check_header(d, expected_type):
+def _check_header(d, expected_type, versions=(FORMAT_VERSION,)):
     """Check the fields every tokenizer dict has: a "type" and a "version"."""
     if not isinstance(d, dict):
         raise ValueError(f"expected a JSON object (dict), got {type(d).__name__}")
     if d.get("type") != expected_type:
         raise ValueError(f'expected "type": "{expected_type}", got {d.get("type")!r}')
-    if d.get("version") != FORMAT_VERSION:
-        raise ValueError(f'expected "version": {FORMAT_VERSION}, got {d.get("version")!r}')
+    if d.get("version") not in versions or isinstance(d.get("version"), bool):
+        expected = " or ".join(str(v) for v in versions)
+        raise ValueError(f'expected "version": {expected}, got {d.get("version")!r}')
 
 
 # ---------------------------------------------------------------------------
@@ -248,22 +252,31 @@ class CharTokenizer(_SavedAsJSON):
 # Byte-level BPE: pre-splitting, merging, training, encoding.
 # ---------------------------------------------------------------------------
 
-# GPT-2's pattern, rewritten for the stdlib ``re`` (which has no \p{L}):
-#   's 't 're 've 'm 'll 'd     English contractions, split off the word
-#   ' ?[^\W\d_]+'               letters (\w minus digits and underscore), optional leading space
-#   ' ?\d+'                     digits
-#   ' ?(?:[^\s\w]|_)+'          anything else: punctuation, symbols, underscore, marks
+# GPT-2's pre-tokenization pattern, exactly (\p{L} letters and \p{N} numbers are Unicode
+# classes, which the ``regex`` package knows and the stdlib ``re`` does not):
+#   's 't 're 've 'm 'll 'd     English contractions, split off the word (lower case only)
+#   ' ?\p{L}+'                  letters, with an optional leading space
+#   ' ?\p{N}+'                  numbers
+#   ' ?[^\s\p{L}\p{N}]+'        anything else: punctuation, symbols, underscore, marks
 #   '\s+(?!\S)'                 whitespace, except the last space before a word ...
 #   '\s+'                       ... which the word takes as its leading space
-# Every character is whitespace, a letter, a digit, or "anything else", so the chunks
+# Every character is whitespace, a letter, a number, or "anything else", so the chunks
 # cover the text exactly: "".join(findall(text)) == text.
-SPLIT_PATTERN = r"'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"
-_SPLIT_RE = re.compile(SPLIT_PATTERN)
+SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# The stdlib-``re`` approximation of it that tinylm 0.1 trained with (\w for letters, \d for
+# digits, contractions in any case). Tokenizers saved with it keep it, so they encode as before.
+LEGACY_SPLIT_PATTERN = r"'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"
+
+_SPLIT_REGEXES = {
+    SPLIT_PATTERN: regex.compile(SPLIT_PATTERN),
+    LEGACY_SPLIT_PATTERN: re.compile(LEGACY_SPLIT_PATTERN),
+}
 
 
-def split_chunks(text):
+def split_chunks(text, pattern=SPLIT_PATTERN):
     """Cut ``text`` into the chunks BPE works inside: "Hello, world" -> ["Hello", ",", " world"]."""
-    return _SPLIT_RE.findall(text)
+    return _SPLIT_REGEXES[pattern].findall(text)
 
 
 def merge(ids, pair, new_id):
@@ -288,21 +301,77 @@ def _pairs(ids):
     return Counter(pairwise(ids))
 
 
+# ---------------------------------------------------------------------------
+# GPT-2's files: vocab.json and merges.txt, with bytes written as printable characters.
+# ---------------------------------------------------------------------------
+
+
+def bytes_to_unicode():
+    """GPT-2's table from the 256 byte values to 256 printable characters, byte -> str.
+
+    vocab.json and merges.txt are text, and a token is a byte string, which may hold a space,
+    a newline or half of a UTF-8 character. So each byte is written as one printable character:
+    the 188 bytes that are already printable Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ')
+    stand for themselves, and the other 68 (control characters, space, ...) take the characters
+    from U+0100 on, in byte order. The space byte 0x20 becomes 'Ġ' (U+0120), newline 'Ċ'.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + n)
+            n += 1
+    return dict(sorted(table.items()))
+
+
+BYTE_TO_UNICODE = bytes_to_unicode()
+UNICODE_TO_BYTE = {ch: b for b, ch in BYTE_TO_UNICODE.items()}
+GPT2_FILES = ("vocab.json", "merges.txt")
+MERGES_HEADER = "#version: 0.2"
+
+
+def token_to_text(data: bytes) -> str:
+    """A token's bytes as vocab.json spells them: b" the" -> "Ġthe"."""
+    return "".join(BYTE_TO_UNICODE[b] for b in data)
+
+
+def text_to_token(text: str) -> bytes | None:
+    """Inverse of ``token_to_text``; None for a string outside the 256 characters (a special
+    token such as "<pad>" is inside them; one written with a space or a CJK character is not)."""
+    try:
+        return bytes(UNICODE_TO_BYTE[ch] for ch in text)
+    except KeyError:
+        return None
+
+
 class BPETokenizer(_SavedAsJSON):
-    """Byte-level BPE: ids 0..255 are bytes, 256.. are learned merges, the last id is EOT.
+    """Byte-level BPE: every byte has an id, learned merges build longer tokens, plus EOT.
 
     Attributes:
-        merges:     list of (left_id, right_id) pairs in rank order; merge r creates id 256 + r.
+        merges:     list of (left_id, right_id) pairs in rank order (the order they were learned).
+        merge_ids:  merge_ids[r] is the id merge r creates.
+        byte_ids:   byte_ids[b] is the id of the single byte b (0..255).
         vocab:      dict id -> bytes that id decodes to (EOT maps to b"<|endoftext|>").
-        vocab_size: 256 + len(merges) + 1.
-        eot_id:     256 + len(merges), the last id.
+        eot_id:     the id of "<|endoftext|>".
+        vocab_size: the number of ids, 0..vocab_size-1.
+        split_pattern: the pre-tokenization regex (GPT-2's, ``SPLIT_PATTERN``).
 
-    Build one with ``BPETokenizer.train(text, vocab_size)`` or ``BPETokenizer.load(path)``.
+    A tokenizer tinylm trains numbers its ids simply: byte b is id b, merge r creates 256 + r,
+    and EOT is the last id, 256 + len(merges). GPT-2's vocab.json numbers them its own way (id
+    0 is "!", 50256 is EOT); loading it fills the same tables, so encoding and decoding are the
+    same code for both.
+
+    Build one with ``BPETokenizer.train(text, vocab_size)``, ``BPETokenizer.load(path)`` (tinylm's
+    JSON) or ``BPETokenizer.from_pretrained(directory)`` (GPT-2's vocab.json + merges.txt).
     """
 
-    def __init__(self, merges=()):
-        self.merges = []
-        self.vocab = {i: bytes([i]) for i in range(256)}
+    def __init__(self, merges=(), split_pattern=SPLIT_PATTERN):
+        merges = list(merges)
         for rank, (a, b) in enumerate(merges):
             new_id = 256 + rank
             # A merge may only use ids that exist before it: bytes and earlier merges.
@@ -312,13 +381,49 @@ class BPETokenizer(_SavedAsJSON):
                         f"merge {rank} is {[a, b]}: ids must be integers in 0..{new_id - 1} "
                         "(bytes and earlier merges)"
                     )
-            self.merges.append((a, b))
-            self.vocab[new_id] = self.vocab[a] + self.vocab[b]
-        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
-        self.eot_id = 256 + len(self.merges)
-        self.vocab[self.eot_id] = EOT.encode("utf-8")
-        self.vocab_size = self.eot_id + 1
+        vocab = {i: bytes([i]) for i in range(256)}
+        for rank, (a, b) in enumerate(merges):
+            vocab[256 + rank] = vocab[a] + vocab[b]
+        eot_id = 256 + len(merges)
+        vocab[eot_id] = EOT.encode("utf-8")
+        self._set_tables(
+            byte_ids=list(range(256)),
+            merges=merges,
+            merge_ids=[256 + rank for rank in range(len(merges))],
+            vocab=vocab,
+            eot_id=eot_id,
+            split_pattern=split_pattern,
+        )
+
+    def _set_tables(self, byte_ids, merges, merge_ids, vocab, eot_id, split_pattern):
+        if split_pattern not in _SPLIT_REGEXES:
+            raise ValueError(
+                "split_pattern must be GPT-2's (SPLIT_PATTERN) or tinylm 0.1's "
+                f"(LEGACY_SPLIT_PATTERN), got {split_pattern!r}"
+            )
+        self.byte_ids = byte_ids
+        self.merges = [tuple(pair) for pair in merges]
+        self.merge_ids = merge_ids
+        self.vocab = vocab
+        self.eot_id = eot_id
+        self.vocab_size = len(vocab)
+        self.split_pattern = split_pattern
+        self.ranks = {}  # (left, right) -> rank; the first merge of a pair counts
+        self._merged = {}  # (left, right) -> the id it creates
+        for rank, (pair, new_id) in enumerate(zip(self.merges, merge_ids, strict=True)):
+            if pair not in self.ranks:
+                self.ranks[pair] = rank
+                self._merged[pair] = new_id
         self._cache = {}  # chunk (str) -> its ids; see encode()
+
+    def _is_tinylm_layout(self):
+        """Whether the ids are numbered as tinylm trains them (bytes, merges, then EOT)."""
+        n = len(self.merges)
+        return (
+            self.byte_ids == list(range(256))
+            and self.merge_ids == list(range(256, 256 + n))
+            and self.eot_id == 256 + n == self.vocab_size - 1
+        )
 
     # -- training -------------------------------------------------------------
 
@@ -328,7 +433,7 @@ class BPETokenizer(_SavedAsJSON):
 
         Stops early if no adjacent pair is left; ``vocab_size`` then says what was learned.
         Ties between equally frequent pairs go to the smallest pair (a, b), so training
-        is deterministic.
+        is deterministic. The text is pre-split with GPT-2's pattern (``SPLIT_PATTERN``).
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
             raise ValueError(
@@ -423,14 +528,15 @@ class BPETokenizer(_SavedAsJSON):
 
     def _encode_chunk(self, chunk):
         """Ids of one pre-split chunk: start from its bytes and replay merges in rank order."""
-        ids = list(text_to_bytes(chunk))
+        ids = [self.byte_ids[b] for b in text_to_bytes(chunk)]
+        ranks = self.ranks
         while len(ids) >= 2:
             # Of the pairs present, the one learned first (lowest rank) must be applied
             # first, exactly as in training; pairs never learned have rank "infinity".
-            pair = min(pairwise(ids), key=lambda p: self.ranks.get(p, float("inf")))
-            if pair not in self.ranks:
+            pair = min(pairwise(ids), key=lambda p: ranks.get(p, float("inf")))
+            if pair not in ranks:
                 break  # no learned merge applies any more
-            ids = merge(ids, pair, 256 + self.ranks[pair])
+            ids = merge(ids, pair, self._merged[pair])
         return ids
 
     def encode(self, text):
@@ -444,7 +550,7 @@ class BPETokenizer(_SavedAsJSON):
         for k, part in enumerate(text.split(EOT)):
             if k > 0:
                 ids.append(self.eot_id)
-            for chunk in split_chunks(part):
+            for chunk in split_chunks(part, self.split_pattern):
                 chunk_ids = cache.get(chunk)
                 if chunk_ids is None:
                     chunk_ids = cache[chunk] = self._encode_chunk(chunk)
@@ -463,38 +569,189 @@ class BPETokenizer(_SavedAsJSON):
         ids = _as_id_list(ids, self.vocab_size)
         return bytes_to_text(b"".join(self.vocab[i] for i in ids))
 
-    # -- saving and loading ---------------------------------------------------
+    # -- tinylm's JSON (checkpoints, --tokenizer files) -----------------------
 
     def to_dict(self):
+        """A JSON-able dict. Version 1 (merges as id pairs) for tinylm's own numbering; version 2
+        (GPT-2's vocab.json and merges.txt, as a dict and a list) for any other."""
+        if not self._is_tinylm_layout():
+            vocab, merges = self._gpt2_tables()
+            return {
+                "type": "bpe",
+                "version": 2,
+                "vocab_size": self.vocab_size,
+                "eot": EOT,
+                "split_pattern": self.split_pattern,
+                "merges": merges,
+                "vocab": vocab,
+            }
         return {
             "type": "bpe",
             "version": FORMAT_VERSION,
             "vocab_size": self.vocab_size,
             "eot": EOT,
-            "split_pattern": SPLIT_PATTERN,
+            "split_pattern": self.split_pattern,
             "merges": [list(pair) for pair in self.merges],
         }
 
     @classmethod
     def from_dict(cls, d):
-        _check_header(d, "bpe")
-        merges = d.get("merges")
-        if not isinstance(merges, list) or not all(
-            isinstance(m, (list, tuple)) and len(m) == 2 for m in merges
-        ):
-            raise ValueError('"merges" must be a list of [left_id, right_id] pairs')
+        _check_header(d, "bpe", versions=(1, 2))
         if d.get("eot", EOT) != EOT:
             raise ValueError(f'"eot" is {d["eot"]!r}, tinylm uses {EOT!r}')
-        if d.get("split_pattern", SPLIT_PATTERN) != SPLIT_PATTERN:
+        # Version 1 dicts written before GPT-2's exact pattern came in carry the old one.
+        pattern = d.get("split_pattern", LEGACY_SPLIT_PATTERN if d["version"] == 1 else None)
+        if pattern not in _SPLIT_REGEXES:
             # Different chunks would give different encodings from the same merges.
-            raise ValueError('"split_pattern" differs from this version of tinylm')
-        tok = cls([tuple(m) for m in merges])  # checks the ids themselves
+            raise ValueError(
+                "\"split_pattern\" is neither GPT-2's nor tinylm 0.1's; this tinylm cannot "
+                "encode with it"
+            )
+        merges = d.get("merges")
+        if d["version"] == 2:
+            vocab = d.get("vocab")
+            if not isinstance(vocab, dict):
+                raise ValueError('"vocab" must be an object of token -> id')
+            if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+                raise ValueError('"merges" must be a list of "left right" strings')
+            tok = cls._from_gpt2_tables(vocab, merges, pattern)
+        else:
+            if not isinstance(merges, list) or not all(
+                isinstance(m, (list, tuple)) and len(m) == 2 for m in merges
+            ):
+                raise ValueError('"merges" must be a list of [left_id, right_id] pairs')
+            tok = cls([tuple(m) for m in merges], split_pattern=pattern)  # checks the ids
         if "vocab_size" in d and d["vocab_size"] != tok.vocab_size:
             raise ValueError(
-                f'"vocab_size" is {d["vocab_size"]!r} but {len(merges)} merges give '
-                f"256 + {len(merges)} + 1 = {tok.vocab_size}"
+                f'"vocab_size" is {d["vocab_size"]!r} but the tokens and merges give '
+                f"{tok.vocab_size}"
             )
         return tok
+
+    # -- GPT-2's files: vocab.json + merges.txt -------------------------------
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        """GPT-2's tokenizer (or any byte-level BPE in its format) from ``directory``.
+
+        vocab.json maps each token, its bytes spelled with ``BYTE_TO_UNICODE``, to its id;
+        merges.txt lists the merges in rank order, one "left right" per line, after a
+        "#version" line. "<|endoftext|>" is the id vocab.json gives it (50256 in GPT-2), or
+        the next free id when it has none. Raises FileNotFoundError when a file is missing
+        and ValueError naming the file and line when one is malformed.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            if directory.exists():
+                raise ValueError(f"{str(directory)!r} is not a directory holding vocab.json")
+            raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
+        vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
+        vocab = read_json_object(vocab_path, "tokenizer file")
+        if not merges_path.is_file():
+            raise FileNotFoundError(f"tokenizer file {str(merges_path)!r} does not exist")
+        try:
+            lines = merges_path.read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"tokenizer file {str(merges_path)!r} is not UTF-8 text") from err
+        if lines and lines[0].startswith("#version"):
+            lines = lines[1:]
+        while lines and lines[-1] == "":
+            lines.pop()
+        try:
+            return cls._from_gpt2_tables(vocab, lines, SPLIT_PATTERN)
+        except ValueError as err:
+            raise ValueError(f"tokenizer {str(directory)!r}: {err}") from err
+
+    @classmethod
+    def _from_gpt2_tables(cls, vocab: dict, merge_lines: list, split_pattern):
+        """Build from vocab.json's dict (token -> id) and merges.txt's lines ("left right")."""
+        ids = list(vocab.values())
+        if any(type(i) is not int for i in ids) or sorted(ids) != list(range(len(ids))):
+            raise ValueError("vocab.json: the ids must be the integers 0..n-1, each once")
+        vocab = dict(vocab)
+        if EOT not in vocab:
+            vocab[EOT] = len(vocab)  # as GPT2TokenizerFast adds it: the next id
+        id_bytes = {}
+        for token, i in vocab.items():
+            data = text_to_token(token)
+            # A special token spelled outside the byte alphabet decodes to its own text.
+            id_bytes[i] = data if data is not None else token.encode("utf-8")
+        byte_ids = []
+        for b in range(256):
+            i = vocab.get(BYTE_TO_UNICODE[b])
+            if i is None:
+                raise ValueError(
+                    f"vocab.json has no token for byte 0x{b:02x} ({BYTE_TO_UNICODE[b]!r}); "
+                    "a byte-level BPE needs all 256"
+                )
+            byte_ids.append(i)
+        merges, merge_ids = [], []
+        for n, line in enumerate(merge_lines, start=1):
+            parts = line.split(" ")
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f'merges.txt line {n}: expected "left right", got {line!r}')
+            left, right = parts
+            for token in (left, right, left + right):
+                if token not in vocab:
+                    raise ValueError(
+                        f"merges.txt line {n} ({line!r}): {token!r} is not in vocab.json"
+                    )
+            merges.append((vocab[left], vocab[right]))
+            merge_ids.append(vocab[left + right])
+        tok = cls.__new__(cls)
+        tok._set_tables(byte_ids, merges, merge_ids, dict(sorted(id_bytes.items())),
+                        vocab[EOT], split_pattern)  # fmt: skip
+        return tok
+
+    def _gpt2_tables(self):
+        """(vocab.json's dict token -> id, merges.txt's lines) for this tokenizer."""
+        vocab = {}
+        for i, data in self.vocab.items():
+            token = EOT if i == self.eot_id else token_to_text(data)
+            if token in vocab:
+                raise ValueError(
+                    f"ids {vocab[token]} and {i} both spell {data!r}; GPT-2's vocab.json can "
+                    "hold each token only once"
+                )
+            vocab[token] = i
+        merges = []
+        for a, b in self.merges:
+            merges.append(f"{token_to_text(self.vocab[a])} {token_to_text(self.vocab[b])}")
+        return vocab, merges
+
+    def pretrained_files(self) -> dict[str, str]:
+        """The files ``save_pretrained`` writes, name -> text: vocab.json, merges.txt and
+        tokenizer_config.json (which tells ``transformers`` the class and the EOT token)."""
+        if self.split_pattern != SPLIT_PATTERN:
+            raise ValueError(
+                "this tokenizer pre-splits with tinylm 0.1's pattern, not GPT-2's, so GPT-2's "
+                "files would encode differently; retrain it with this tinylm"
+            )
+        vocab, merges = self._gpt2_tables()
+        config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "add_prefix_space": False,
+            "bos_token": EOT,
+            "eos_token": EOT,
+            "unk_token": EOT,
+            "model_max_length": 1024,
+        }
+        return {
+            "vocab.json": json.dumps(vocab, ensure_ascii=False) + "\n",
+            "merges.txt": "\n".join([MERGES_HEADER, *merges]) + "\n",
+            "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+        }
+
+    def save_pretrained(self, directory):
+        """Write GPT-2's tokenizer files into ``directory`` (created if missing), each atomically;
+        ``BPETokenizer.from_pretrained`` and ``GPT2TokenizerFast.from_pretrained`` read them.
+        Returns the directory as a Path."""
+        directory = Path(directory)
+        files = self.pretrained_files()
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            write_atomic(directory / name, text)
+        return directory
 
     def __repr__(self):
         return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)})"
