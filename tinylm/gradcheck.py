@@ -198,6 +198,11 @@ def layer_checks(seed=0):
     )
     rows += check_layer("gelu", layers.gelu_forward, layers.gelu_backward, {"x": randn(B, T, C)})
     rows += check_layer(
+        "gelu_erf", layers.gelu_erf_forward, layers.gelu_erf_backward,
+        {"x": 2.0 * randn(B, T, C)},  # scaled so some inputs reach the continued fraction
+    )
+    rows += check_layer("tanh", layers.tanh_forward, layers.tanh_backward, {"x": randn(B, T, C)})
+    rows += check_layer(
         "relu", layers.relu_forward, layers.relu_backward, {"x": randn(B, T, C)}, tol=KINK_TOL
     )
     rows += check_layer(
@@ -243,7 +248,8 @@ def randomize_params(model, rng, scale=0.3):
 
 
 def model_checks(seed=0):
-    """Check every parameter of tiny GPTs: learned and sinusoidal positions, tied and untied."""
+    """Check every parameter of tiny GPTs (learned and sinusoidal positions, tied and untied)
+    and of a tiny BERT (pretraining and classification losses, with padding)."""
     from tinylm.model import GPT, GPTConfig
 
     rng = np.random.default_rng(seed)
@@ -259,5 +265,89 @@ def model_checks(seed=0):
         targets = rng.integers(0, 11, size=(2, 5))
         for row in check_model(model, idx, targets):
             row.name = f"gpt[{positions}, {'tied' if tie else 'untied'}]: {row.name}"
+            rows.append(row)
+    rows += bert_checks(seed, num_hidden_layers=1)  # tests/test_bert.py checks two layers
+    return rows
+
+
+def check_model_loss(model, loss, tol=MODEL_TOL, h=1e-5, zero_gradients=()):
+    """Check every parameter gradient of a float64 model for any scalar loss of it.
+
+    loss:  a function of no arguments that runs a forward of the model (keeping its caches)
+           and returns the scalar loss; model.backward() must then return its gradients.
+    zero_gradients: names of parameters whose exact gradient is 0 by the mathematics (BERT's
+           attention key biases: softmax ignores a shift q . b_k shared by every key of a row).
+           Their central differences are rounding noise, so their row measures the absolute
+           disagreement against the largest gradient of the whole model instead.
+    With dropout in training mode, the dropout generator is reset before every forward.
+    Returns one GradCheckRow per parameter tensor.
+    """
+    if model.dtype != np.float64:
+        raise TypeError(f"check_model_loss needs a float64 model for meaningful differences, "
+                        f"got {model.dtype}")
+    rng_state = model.dropout_rng.bit_generator.state
+
+    def run():
+        model.dropout_rng.bit_generator.state = rng_state  # the same dropout masks every time
+        return loss()
+
+    run()
+    grads = model.backward()
+    numerics = {}
+    for name, param in model.params.items():
+        # numerical_gradient nudges `param`, which *is* model.params[name], in place.
+        numerics[name] = numerical_gradient(lambda p: run(), param, np.float64(1.0), h=h)
+    model_scale = max(float(np.abs(g).max()) for g in grads.values())
+    rows = []
+    for name in model.params:
+        if name in zero_gradients:
+            error = float(np.abs(grads[name] - numerics[name]).max()) / max(model_scale, 1e-300)
+            rows.append(GradCheckRow(f"{name} (exactly 0)", error, tol))
+        else:
+            rows.append(GradCheckRow(name, rel_error(grads[name], numerics[name]), tol))
+    return rows
+
+
+def tiny_bert_batch(rng, vocab_size=13, B=2, T=6):
+    """A padded pretraining batch for a tiny BERT: ids, token types, mask, MLM and NSP labels.
+
+    The second sequence has two padded positions at the end; every other MLM label is -100.
+    """
+    idx = rng.integers(1, vocab_size, size=(B, T))
+    token_type_ids = np.zeros((B, T), dtype=np.int64)
+    token_type_ids[:, T // 2:] = 1
+    attention_mask = np.ones((B, T), dtype=np.int64)
+    attention_mask[1, -2:] = 0
+    idx[1, -2:] = 0  # the padding token
+    mlm_labels = rng.integers(0, vocab_size, size=(B, T))
+    mlm_labels[:, ::2] = -100
+    mlm_labels[1, -2:] = -100  # no loss on padding
+    nsp_labels = np.arange(B) % 2
+    return idx, token_type_ids, attention_mask, mlm_labels, nsp_labels
+
+
+def bert_checks(seed=0, num_hidden_layers=2):
+    """Check every parameter of a tiny BERT (float64), with padding and dropout: the
+    pretraining loss (MLM + NSP) and the classification loss."""
+    from tinylm.bert import Bert, BertConfig
+
+    rng = np.random.default_rng(seed)
+    config = BertConfig(
+        vocab_size=13, hidden_size=8, num_hidden_layers=num_hidden_layers, num_attention_heads=2,
+        intermediate_size=12, max_position_embeddings=8, hidden_dropout_prob=0.1, num_labels=3,
+    )
+    model = Bert(config, seed=seed, dtype=np.float64)
+    randomize_params(model, rng)
+    idx, types, mask, mlm_labels, nsp_labels = tiny_bert_batch(rng)
+    class_labels = np.array([2, 0])
+    key_biases = [n for n in model.params if n.endswith("attention.self.key.bias")]
+    rows = []
+    losses = (
+        ("pretraining", lambda: model.forward(idx, types, mask, mlm_labels, nsp_labels)[2]),
+        ("classify", lambda: model.classify(idx, types, mask, class_labels)[1]),
+    )
+    for what, loss in losses:
+        for row in check_model_loss(model, loss, zero_gradients=key_biases):
+            row.name = f"bert[{what}]: {row.name}"
             rows.append(row)
     return rows

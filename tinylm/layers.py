@@ -533,3 +533,117 @@ def dropout_backward(dout, cache):
     """Forward out = x * keep / (1 - p), so dx = dout * keep / (1 - p) (the identity when p = 0)."""
     scaled_mask = cache
     return dout if scaled_mask is None else dout * scaled_mask
+
+
+# ---------------------------------------------------------------------------
+# The error function and BERT's exact GELU; tanh for BERT's pooler.
+# ---------------------------------------------------------------------------
+
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_ERF_SERIES_TERMS = 40  # float64 series for |z| <= 2.5: the last term is below 1e-17 of the sum
+_ERFC_FRACTION_TERMS = 50  # float64 continued fraction for |z| > 2.5
+_ERF_SPLIT = 2.5
+# Abramowitz and Stegun 7.1.26 (Hastings' approximation), |error| <= 1.5e-7: enough for float32,
+# whose own spacing near 1 is 6e-8 (and 1.2e-7 just below it).
+_AS_P = 0.3275911
+_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def erf(x):
+    """The error function erf(x) = 2/sqrt(pi) * integral_0^x exp(-s^2) ds, elementwise.
+
+    NumPy has no erf (SciPy and CuPy have one, but tinylm needs neither), so it is computed here
+    from formulas, with the same lines on NumPy and CuPy. erf is odd, so z = |x| and the sign is
+    put back at the end.
+
+    float64, accurate to about 1e-15 (tests/test_bert.py checks it against math.erf on a dense
+    grid), for gradient checks and the float64 comparison with PyTorch:
+      * |z| <= 2.5, the series with positive terms only (no cancellation):
+            erf(z) = 2/sqrt(pi) * exp(-z^2) * sum_{n>=0} z (2z^2)^n / (1*3*5*...*(2n+1))
+        each term is the previous one times 2z^2 / (2n+3); 40 terms reach 1e-17 of the sum.
+      * |z| > 2.5, the continued fraction of the complement (Laplace's):
+            erfc(z) = exp(-z^2)/sqrt(pi) / (z + (1/2)/(z + 1/(z + (3/2)/(z + 2/(z + ...)))))
+        evaluated from its 50th level inwards, and erf = 1 - erfc.
+    float32, one cheap formula whose error is 1.5e-7 (about float32's own resolution near 1;
+    evaluated in float32 arithmetic it stays within 6e-7), Abramowitz and Stegun 7.1.26:
+            t = 1 / (1 + p z),   erf(z) = 1 - (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) exp(-z^2)
+    The float64 route costs ~90 array operations, fine on the small arrays of a check; the
+    float32 route ~15, because training runs it on the widest activation.
+    """
+    _check_float_array("x", x)
+    xp = get_array_module(x)
+    z = xp.abs(x)
+    if x.dtype == np.float32:
+        t = 1.0 / (1.0 + _AS_P * z)
+        poly = _AS_A[4] * t
+        for a in reversed(_AS_A[:4]):  # Horner: t (a1 + t (a2 + t (a3 + t (a4 + t a5))))
+            poly += a
+            poly *= t
+        result = 1.0 - poly * xp.exp(-(z * z))
+        return xp.copysign(result, x)
+    # float64: the series on the inner part, the continued fraction on the outer part.
+    inner = xp.minimum(z, _ERF_SPLIT)
+    term = inner.copy()
+    total = inner.copy()
+    two_z2 = 2.0 * inner * inner
+    for n in range(_ERF_SERIES_TERMS):
+        term *= two_z2 / (2 * n + 3)
+        total += term
+    erf_inner = _TWO_OVER_SQRT_PI * xp.exp(-(inner * inner)) * total
+    outer = xp.maximum(z, _ERF_SPLIT)
+    fraction = outer.copy()
+    for n in range(_ERFC_FRACTION_TERMS, 0, -1):
+        fraction = outer + (0.5 * n) / fraction
+    erf_outer = 1.0 - xp.exp(-(outer * outer)) / (math.sqrt(math.pi) * fraction)
+    result = xp.where(z <= _ERF_SPLIT, erf_inner, erf_outer)
+    return xp.copysign(result, x)
+
+
+def gelu_erf_forward(x):
+    """GELU in its exact form, as BERT uses it: out = x * Phi(x).
+
+        Phi(x) = 0.5 (1 + erf(x / sqrt(2)))     the standard normal's CDF
+        out    = x Phi(x)
+    The cache holds x and Phi(x). (gelu_forward above is GPT-2's tanh approximation of this;
+    the two differ by up to about 5e-4.)
+    """
+    _check_float_array("x", x)
+    phi_cdf = erf(x * _INV_SQRT_2)
+    phi_cdf += 1.0
+    phi_cdf *= 0.5  # Phi(x)
+    return x * phi_cdf, (x, phi_cdf)
+
+
+def gelu_erf_backward(dout, cache):
+    """Gradient of out = x Phi(x).
+
+    By the product rule, with dPhi/dx = phi(x) = exp(-x^2/2) / sqrt(2 pi) (the normal density):
+        dout/dx = Phi(x) + x phi(x)
+        dx = dout * (Phi(x) + x phi(x))
+    """
+    x, phi_cdf = cache
+    xp = get_array_module(x)
+    local = x * x
+    local *= -0.5
+    xp.exp(local, out=local)
+    local *= _INV_SQRT_2PI  # phi(x)
+    local *= x
+    local += phi_cdf  # Phi(x) + x phi(x)
+    local *= dout
+    return local
+
+
+def tanh_forward(x):
+    """out = tanh(x), BERT's pooler activation. The cache holds out, all the derivative needs."""
+    _check_float_array("x", x)
+    xp = get_array_module(x)
+    out = xp.tanh(x)
+    return out, out
+
+
+def tanh_backward(dout, cache):
+    """Forward out = tanh(x), and d tanh(x)/dx = 1 - tanh(x)^2, so dx = dout * (1 - out^2)."""
+    out = cache
+    return dout * (1.0 - out * out)
