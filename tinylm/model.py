@@ -185,6 +185,25 @@ class GPT:
         self.training = False
         return self
 
+    # -- Hugging Face directories (tinylm/hf/gpt2.py knows their files) ----------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None) -> GPT:
+        """The GPT-2 of a Hugging Face directory (config.json + model.safetensors), float32
+        unless dtype says float64. Its tokenizer: ``tinylm.hf.gpt2.load_gpt2(path)`` returns
+        (model, tokenizer), or ``BPETokenizer.from_pretrained(path)``."""
+        from tinylm.hf.gpt2 import load_gpt2
+
+        model, _ = load_gpt2(path, dtype)
+        return model
+
+    def save_pretrained(self, path, tokenizer=None):
+        """Write this model (and a BPETokenizer) as a Hugging Face GPT-2 directory that
+        ``transformers.GPT2LMHeadModel.from_pretrained(path)`` loads; returns the path."""
+        from tinylm.hf.gpt2 import save_gpt2
+
+        return save_gpt2(self, path, tokenizer)
+
     def _check_idx(self, idx, name="idx"):
         if not hasattr(idx, "dtype") or idx.dtype.kind not in "iu":
             got = getattr(idx, "dtype", type(idx).__name__)
