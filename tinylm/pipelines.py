@@ -34,6 +34,7 @@ import numpy as np
 
 from tinylm.files import read_json_object
 from tinylm.model import GPT
+from tinylm.sample import check_sampling_args
 
 TASKS = ("text-generation",)
 
@@ -135,8 +136,10 @@ class TextGenerationPipeline:
                 "greedy decoding (do_sample=False) gives one continuation; "
                 f"num_return_sequences={num_return_sequences} needs do_sample=True"
             )
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        if do_sample:
+            check_sampling_args(temperature, top_k, top_p)
+            if temperature == 0:
+                raise ValueError("temperature must be > 0 when sampling; do_sample=False is greedy")
         tok = self.tokenizer
         prompt_ids = tok.encode(prompt)
         # An empty prompt starts from "<|endoftext|>", the start of a document.
