@@ -306,3 +306,142 @@ def test_char_load_wrong_chars(tmp_path):
 def test_decode_accepts_a_list_of_numpy_integers():
     tok = CharTokenizer("abc")
     assert tok.decode([np.int64(1), np.int32(2)]) == "bc"
+
+
+# ---------------------------------------------------------------------------
+# GPT-2's format: exact pre-tokenizer, byte table, vocab.json + merges.txt.
+# ---------------------------------------------------------------------------
+
+from tinylm.tokenizer import (  # noqa: E402
+    BYTE_TO_UNICODE,
+    LEGACY_SPLIT_PATTERN,
+    SPLIT_PATTERN,
+    token_to_text,
+)
+
+VARIED = (
+    "The quick brown fox's 42 jumps!\n\n  over    the lazy dog.\r\n"
+    "def f(x_1):\n\treturn x_1 ** 2  # comment\n"
+    "中文字符测试 and emoji 🎉👍🏽 and e\u0301 café naïve Ⅻ ² ½ \x1c\x1f\u00a0x\u3000y"
+    + EOT
+    + "next doc I'M he'S they've    \n\n\n   end  "
+)
+
+
+def test_gpt2_split_pattern_examples():
+    # contractions are lower case only; \p{N} holds Ⅻ and ², which \w calls letters
+    assert split_chunks("I'M he's x² Ⅻx") == ["I", "'", "M", " he", "'s", " x", "²", " Ⅻ", "x"]
+    assert split_chunks("x² Ⅻx", LEGACY_SPLIT_PATTERN) == ["x²", " Ⅻx"]
+
+
+def test_byte_table_is_gpt2s():
+    assert len(set(BYTE_TO_UNICODE.values())) == 256
+    assert BYTE_TO_UNICODE[ord(" ")] == "Ġ" and BYTE_TO_UNICODE[ord("\n")] == "Ċ"
+    assert BYTE_TO_UNICODE[ord("A")] == "A" and BYTE_TO_UNICODE[0] == "Ā"
+    assert token_to_text(b" the") == "Ġthe"
+
+
+def test_save_pretrained_round_trip(bpe, tmp_path):
+    bpe.save_pretrained(tmp_path / "tok")
+    lines = (tmp_path / "tok" / "merges.txt").read_text().splitlines()
+    assert lines[0] == "#version: 0.2" and len(lines) == 1 + len(bpe.merges)
+    vocab = json.loads((tmp_path / "tok" / "vocab.json").read_text())
+    assert vocab[EOT] == bpe.eot_id and vocab["Ġ"] == ord(" ")
+    loaded = BPETokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.vocab == bpe.vocab and loaded.eot_id == bpe.eot_id
+    assert loaded.encode(VARIED) == bpe.encode(VARIED)
+    assert loaded.to_dict() == bpe.to_dict()  # tinylm's numbering: still version 1
+
+
+def gpt2_style_directory(path, tok):
+    """tok's files renumbered as GPT-2 numbers them: EOT first, then the bytes in table order."""
+    vocab, merges = tok._gpt2_tables()
+    order = [EOT] + sorted(vocab, key=lambda t: (t != EOT, len(t), t))[1:]
+    path.mkdir()
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(order)}))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return path
+
+
+def test_other_numbering_encodes_the_same_text(bpe, tmp_path):
+    other = BPETokenizer.from_pretrained(gpt2_style_directory(tmp_path / "g", bpe))
+    assert other.eot_id == 0 and other.vocab_size == bpe.vocab_size
+    ids = other.encode(VARIED)
+    assert [other.vocab[i] for i in ids] == [bpe.vocab[i] for i in bpe.encode(VARIED)]
+    assert other.decode(ids) == VARIED
+    d = json.loads(json.dumps(other.to_dict()))  # what a checkpoint stores
+    assert d["version"] == 2 and tokenizer_from_dict(d).encode(VARIED) == ids
+
+
+def test_old_pattern_tokenizers_still_load(bpe):
+    d = bpe.to_dict()
+    d["split_pattern"] = LEGACY_SPLIT_PATTERN
+    old = tokenizer_from_dict(d)
+    assert old.split_pattern == LEGACY_SPLIT_PATTERN
+    assert old.encode("x²") == bpe.encode("x") + bpe.encode("²")  # merges may not join them
+    assert split_chunks("x²", old.split_pattern) == ["x²"]
+    assert tokenizer_from_dict(bpe.to_dict()).split_pattern == SPLIT_PATTERN
+    with pytest.raises(ValueError, match="retrain"):
+        old.pretrained_files()
+    d["split_pattern"] = r"\w+"
+    with pytest.raises(ValueError, match="split_pattern"):
+        tokenizer_from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "vocab, merges, expected",
+    [
+        ('{"a": 0}', "", "byte 0x00"),
+        (None, "#version: 0.2\nĠ t h\n", "line 1"),
+        (None, "#version: 0.2\nĠ 中\n", "not in vocab.json"),
+        ('{"a": 1}', "", "0..n-1"),
+    ],
+)
+def test_from_pretrained_errors(bpe, tmp_path, vocab, merges, expected):
+    bpe.save_pretrained(tmp_path)
+    if vocab is not None:
+        (tmp_path / "vocab.json").write_text(vocab)
+    (tmp_path / "merges.txt").write_text(merges)
+    with pytest.raises(ValueError, match=expected) as err:
+        BPETokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_from_pretrained_missing_files(bpe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        BPETokenizer.from_pretrained(tmp_path / "nope")
+    bpe.save_pretrained(tmp_path)
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="merges.txt"):
+        BPETokenizer.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def hf_trained_dir(corpus, tmp_path_factory):
+    """A byte-level BPE trained by the `tokenizers` library and saved in GPT-2's format."""
+    tokenizers = pytest.importorskip("tokenizers")
+    path = tmp_path_factory.mktemp("hf_bpe")
+    trainer = tokenizers.ByteLevelBPETokenizer()
+    extra = ["中文字符测试 中文", "emoji 🎉👍🏽 ok", "def f(x):\n    return x**2\n\n\n", "a  b   c"]
+    trainer.train_from_iterator([corpus] + extra * 20, vocab_size=900, special_tokens=[EOT],
+                                show_progress=False)  # fmt: skip
+    trainer.save_model(str(path))
+    return path
+
+
+def test_oracle_same_ids_as_gpt2_tokenizer_fast(hf_trained_dir, corpus):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.GPT2TokenizerFast.from_pretrained(hf_trained_dir)
+    tok = BPETokenizer.from_pretrained(hf_trained_dir)
+    assert tok.eot_id == reference.convert_tokens_to_ids(EOT) == 0  # where this vocab puts it
+    for text in (VARIED, corpus[:20_000], "  \n\n \t x", EOT + EOT, ""):
+        assert tok.encode(text) == reference(text)["input_ids"]
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_oracle_transformers_reads_tinylm_files(bpe, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    bpe.save_pretrained(tmp_path)
+    reference = transformers.GPT2TokenizerFast.from_pretrained(tmp_path)
+    assert reference(VARIED)["input_ids"] == bpe.encode(VARIED)
+    assert reference.eos_token_id == bpe.eot_id

@@ -4,6 +4,10 @@ A language model never sees text, only integers. A tokenizer fixes the
 vocabulary -- the V things the model can read and write -- and two maps:
 ``encode(str) -> list[int]`` and ``decode(ids) -> str``. tinylm has two.
 
+GPT-2's own tokenizer is a BPETokenizer too: ``BPETokenizer.from_pretrained(dir)`` reads its
+vocab.json and merges.txt and encodes exactly as Hugging Face's GPT2TokenizerFast, and
+``save_pretrained(dir)`` writes a trained one in that format.
+
 CharTokenizer
     One id per distinct character of the training text. Tiny, transparent, and
     a fine start; but it cannot encode a character it never saw, and every
@@ -26,8 +30,8 @@ BPETokenizer (byte-level byte-pair encoding, as in GPT-2)
     Encoding a new text replays the merges in rank order; decoding looks each
     id up as a byte string and joins them.
 
-    *Why pre-split.* Before counting pairs the text is cut into chunks with a
-    regex in the spirit of GPT-2's: a word with its leading space (" the"),
+    *Why pre-split.* Before counting pairs the text is cut into chunks with
+    GPT-2's own regex (``SPLIT_PATTERN``): a word with its leading space (" the"),
     a run of digits, a run of punctuation, a run of whitespace. Pairs are only
     counted, and merges only applied, *inside* a chunk. Otherwise the most
     frequent pairs would glue words to the punctuation that follows them
@@ -264,8 +268,8 @@ class CharTokenizer(_SavedAsJSON):
 # cover the text exactly: "".join(findall(text)) == text.
 SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-# The stdlib-``re`` approximation of it that tinylm 0.1 trained with (\w for letters, \d for
-# digits, contractions in any case). Tokenizers saved with it keep it, so they encode as before.
+# The stdlib-``re`` approximation of it that tinylm 0.1 trained with (\w minus digits for
+# letters, so "x²" was one chunk). Tokenizers saved with it keep it, so they encode as before.
 LEGACY_SPLIT_PATTERN = r"'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"
 
 _SPLIT_REGEXES = {
