@@ -284,6 +284,26 @@ class Bert:
         self.training = False
         return self
 
+    # -- Hugging Face directories (tinylm/hf/bert.py knows their files) ----------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None) -> Bert:
+        """The BERT of a Hugging Face directory (config.json + model.safetensors of a BertModel,
+        BertForPreTraining, BertForMaskedLM or BertForSequenceClassification), float32 unless
+        dtype says float64. Its tokenizer: ``tinylm.hf.bert.load_bert(path)`` returns
+        (model, tokenizer), or ``WordPieceTokenizer.from_pretrained(path)``."""
+        from tinylm.hf.bert import load_bert
+
+        model, _ = load_bert(path, dtype)
+        return model
+
+    def save_pretrained(self, path, tokenizer=None):
+        """Write this model (and a WordPieceTokenizer) as a Hugging Face BERT directory that
+        ``transformers`` loads (BertForPreTraining, ... by its heads); returns the path."""
+        from tinylm.hf.bert import save_bert
+
+        return save_bert(self, path, tokenizer)
+
     def _attention_pair(self):
         """layers.py's attention on the CPU; on the GPU the fused kernel of tinylm/cuda.py."""
         if self.device == "gpu" and self.use_kernel:
