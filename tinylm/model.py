@@ -425,15 +425,19 @@ class GPT:
 
     # -- generation -------------------------------------------------------------------------
 
-    def _forward_inference(self, idx, kv_caches=None, pos0=0):
+    def _forward_inference(self, idx, kv_caches=None, pos0=0, last_only=False):
         """Logits for the tokens idx (B, T_new) at positions pos0.., keeping nothing for backward.
 
         With kv_caches (one dict per layer), the keys and values of earlier tokens are reused
-        and those of the new tokens appended.
+        and those of the new tokens appended. With last_only, only the last position's logits
+        (B, 1, V) are computed: sampling needs no others, and the output layer (C x V, the
+        largest matrix of GPT-2) then runs on one row instead of T_new.
         """
         x = self._embed(idx, pos0, None)
         for i in range(self.config.n_layer):
             x = self._block(x, i, None, kv_caches[i] if kv_caches is not None else None)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
         return self._head(x, None)
 
     def generate(
@@ -484,12 +488,16 @@ class GPT:
                 window_start = max(0, out.shape[1] - block)
                 if kv_caches is not None and window_start == 0:
                     new = out[:, cached_len:]  # only the tokens the cache has not seen
-                    logits = self._forward_inference(xp.asarray(new), kv_caches, cached_len)
+                    logits = self._forward_inference(
+                        xp.asarray(new), kv_caches, cached_len, last_only=True
+                    )
                     cached_len += new.shape[1]
                 else:
                     # No cache, or the window has slid: positions shifted under every cached
                     # key, so the whole window is read afresh (and no cache is kept).
-                    logits = self._forward_inference(xp.asarray(out[:, window_start:]))
+                    logits = self._forward_inference(
+                        xp.asarray(out[:, window_start:]), last_only=True
+                    )
                 last = to_numpy(logits[:, -1, :]).astype(np.float64)  # (B, V)
                 next_ids = sample_next(last, temperature, top_k, top_p, rng)  # (B,)
                 out = np.concatenate([out, next_ids[:, None]], axis=1)
