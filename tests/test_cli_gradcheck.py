@@ -14,6 +14,8 @@ LAYER_ROWS = [
     "layernorm: gamma",
     "layernorm: beta",
     "gelu: x",
+    "gelu_erf: x",
+    "tanh: x",
     "relu: x",
     "softmax: x",
     "attention (causal): q",

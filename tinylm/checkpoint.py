@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ import numpy as np
 import safetensors.numpy
 
 from tinylm.backend import to_numpy
-from tinylm.files import read_json_object
+from tinylm.files import fsync_dir, read_json_object
 from tinylm.model import GPT, GPTConfig, init_params
 from tinylm.tokenizer import tokenizer_from_dict
 
@@ -156,7 +157,7 @@ def save_checkpoint(
         _write_safetensors(tmp / "optimizer.safetensors", opt_tensors, mode)
         _write_json(tmp / "optimizer.json", opt_scalars)
         _write_json(tmp / "rng.json", rng)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -164,18 +165,49 @@ def save_checkpoint(
     if path.exists():
         os.rename(path, parent / f"{path.name}.old-{secrets.token_hex(4)}")
     os.replace(tmp, path)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     _remove_stale(path)  # the old one, and any a crash between steps 2 and 3 left behind
     return path
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    """The ``NAME.tmp-XXXXXXXX`` or ``NAME.old-XXXXXXXX`` directories next to ``path`` that a save
+    of tinylm made: exactly that name (8 hex digits, as save_checkpoint draws them) and nothing
+    inside but checkpoint files. A folder of the user's, such as ``checkpoint.2024-backup/``, is
+    never one of them."""
+    pattern = re.compile(re.escape(path.name) + r"\." + kind + r"-[0-9a-f]{8}")
+    return [
+        p
+        for p in path.parent.glob(f"{path.name}.{kind}-*")
+        if pattern.fullmatch(p.name) and is_tinylm_checkpoint(p, partial=True)
+    ]
+
+
+def is_tinylm_checkpoint(path, partial: bool = False) -> bool:
+    """Whether ``path`` is a checkpoint directory that tinylm wrote: it holds only the checkpoint
+    files, and its config.json says so. ``partial`` also accepts one cut short by a crash (some
+    files, or no config.json yet)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {p.name for p in path.iterdir()}
+    if not names <= set(FILES):
+        return False
+    if "config.json" not in names:
+        return partial
+    try:
+        return read_json_object(path / "config.json").get("format") == FORMAT
+    except (OSError, ValueError):
+        return partial
 
 
 def _remove_stale(path: Path) -> None:
     """Delete what crashed saves left next to ``path``: tmp directories, and old ones once
     ``path`` itself is complete (otherwise an old one may be the only checkpoint there is)."""
-    for p in path.parent.glob(f"{path.name}.tmp-*"):
+    for p in _leftovers(path, "tmp"):
         shutil.rmtree(p, ignore_errors=True)
     if (path / "config.json").is_file():
-        for p in path.parent.glob(f"{path.name}.old-*"):
+        for p in _leftovers(path, "old"):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -192,20 +224,6 @@ def _write_safetensors(path: Path, tensors: dict, mode: int) -> None:
     os.chmod(path, mode)  # safetensors creates its files readable by their owner only
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new files, renames) durable; not possible on every OS."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +246,7 @@ def find_checkpoint(path) -> Path:
     if (path / CHECKPOINT_NAME).is_dir():
         return path / CHECKPOINT_NAME
     # A crash between steps 2 and 3 of a save: the previous checkpoint waits under .old-XXXX.
-    old = sorted(path.glob(f"{CHECKPOINT_NAME}.old-*"), key=lambda p: p.stat().st_mtime)
+    old = sorted(_leftovers(path / CHECKPOINT_NAME, "old"), key=lambda p: p.stat().st_mtime)
     if old:
         return old[-1]
     raise ValueError(
@@ -240,15 +258,27 @@ def find_checkpoint(path) -> Path:
 def has_checkpoint(run_dir) -> bool:
     """Whether ``run_dir`` holds a checkpoint (complete or not)."""
     run_dir = Path(run_dir)
-    return (run_dir / CHECKPOINT_NAME).exists() or any(run_dir.glob(f"{CHECKPOINT_NAME}.old-*"))
+    return (run_dir / CHECKPOINT_NAME).exists() or bool(
+        _leftovers(run_dir / CHECKPOINT_NAME, "old")
+    )
 
 
 def remove_checkpoint(run_dir) -> None:
-    """Delete the checkpoint of ``run_dir`` and anything a crashed save left next to it."""
+    """Delete the checkpoint of ``run_dir`` and anything a crashed save left next to it: only
+    what tinylm can prove it wrote. A ``checkpoint/`` that holds anything else is refused with
+    a ValueError listing what it holds, and nothing is deleted."""
     run_dir = Path(run_dir)
-    for p in [run_dir / CHECKPOINT_NAME, *run_dir.glob(f"{CHECKPOINT_NAME}.*-*")]:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    path = run_dir / CHECKPOINT_NAME
+    if path.exists() and not is_tinylm_checkpoint(path, partial=True):
+        held = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
+        raise ValueError(
+            f"{str(path)!r} was not written by tinylm (it holds {', '.join(held[:10]) or 'nothing'}"
+            f"{' ...' if len(held) > 10 else ''}); move it away, tinylm deletes only its own files"
+        )
+    for p in [*_leftovers(path, "tmp"), *_leftovers(path, "old")]:
+        shutil.rmtree(p, ignore_errors=True)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -373,3 +403,9 @@ def _check_tensors(path: Path, tensors: dict, expected: dict, dtype: np.dtype) -
             )
         if a.dtype != dtype:
             raise ValueError(f"{path}: tensor {name!r} is {a.dtype}, the checkpoint says {dtype}")
+        if not np.isfinite(a).all():
+            bad = int(a.size - np.isfinite(a).sum())
+            raise ValueError(
+                f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s); expected finite "
+                "numbers (the run diverged, or the file is damaged)"
+            )

@@ -6,9 +6,12 @@
     tinylm info RUN       what a run directory holds
     tinylm gradcheck      check every layer and a tiny GPT against central differences
 
-Errors in the user's input are printed as one line, `tinylm: error: ...`, and the command
-exits with status 2, without a traceback. Ctrl-C during training saves a checkpoint, prints the
-command that resumes, and exits with status 130.
+Errors in the user's input or surroundings (a bad flag, a missing or damaged file, a full disk)
+are printed as one line, `tinylm: error: ...`, and the command exits with status 2, without a
+traceback. Anything else is a bug in tinylm: one line saying so, exit status 1, and the
+traceback when TINYLM_DEBUG=1 is set (or --debug given). Ctrl-C during training saves a
+checkpoint, prints the command that resumes, and exits with status 130; SIGTERM does the same
+and exits with 143.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shlex
 import sys
 
+EXIT_BUG = 1  # an error tinylm did not expect: a bug to report
 EXIT_USAGE = 2  # bad input, as argparse
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
@@ -53,7 +57,7 @@ def cmd_train(args) -> int:
             f"{stop.run_dir / 'checkpoint'}. Resume with:\n  tinylm train --resume {run_dir}",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return 128 + int(stop.signum)  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports
     if result.config.verbose:
         print(
             f"done: {result.step} steps, validation loss {result.val_loss:.4f}; training steps "
@@ -174,10 +178,12 @@ def cmd_sample(args) -> int:
     from tinylm.checkpoint import load_checkpoint
     from tinylm.sample import check_sampling_args
 
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    _check_flag("--max-new-tokens", args.max_new_tokens, low=0)
+    _check_flag("--num-samples", args.num_samples, low=1)
+    _check_flag("--seed", args.seed, low=0)
+    _check_flag("--temperature", args.temperature, low=0)
+    if args.top_p is not None:
+        _check_flag("--top-p", args.top_p, low=0)
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     ckpt = load_checkpoint(args.run_dir)
     tok = ckpt.tokenizer
@@ -201,6 +207,12 @@ def cmd_sample(args) -> int:
             print("-" * 40)
         _print_text(tok.decode(row[start:]))
     return 0
+
+
+def _check_flag(flag: str, value, low) -> None:
+    """A numeric flag must be finite and >= low; the error names the flag."""
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"{flag} must be a finite number >= {low}, got {value}")
 
 
 def _print_text(text: str) -> None:
@@ -241,8 +253,7 @@ def cmd_eval(args) -> int:
     from tinylm.checkpoint import load_checkpoint
     from tinylm.train import TrainConfig, evaluate, split_tokens
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    _check_flag("--batch-size", args.batch_size, low=1)
     ckpt = load_checkpoint(args.run_dir)
     if args.device == "gpu":
         set_backend("gpu")
@@ -367,6 +378,7 @@ def _add_info_parser(sub):
 def cmd_gradcheck(args) -> int:
     from tinylm import gradcheck
 
+    _check_flag("--seed", args.seed, low=0)
     rows = gradcheck.layer_checks(seed=args.seed)
     if not args.layers_only:
         rows += gradcheck.model_checks(seed=args.seed)
@@ -407,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2), already printed
@@ -416,7 +429,11 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `tinylm ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, TypeError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
+        # What tinylm raises on purpose for bad input (ValueError, FileNotFoundError) and what
+        # the surroundings raise (a full disk, no permission, no GPU): the user can act on it.
+        if args.debug or os.environ.get("TINYLM_DEBUG"):
+            raise
         message = " ".join(str(err).split())  # one line, whatever the message holds
         print(f"tinylm: error: {message}", file=sys.stderr)
         return EXIT_USAGE
@@ -430,6 +447,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ntinylm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:  # anything else is a bug in tinylm, not in the user's input
+        if args.debug or os.environ.get("TINYLM_DEBUG"):
+            raise
+        message = " ".join(f"{type(err).__name__}: {err}".split())
+        print(
+            f"tinylm: internal error (a bug in tinylm): {message}; rerun with TINYLM_DEBUG=1 "
+            "or --debug for the traceback",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

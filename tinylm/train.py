@@ -37,10 +37,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -63,6 +65,7 @@ from tinylm.tokenizer import BPETokenizer, CharTokenizer
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 SAMPLES_FILE = "samples.txt"
+LOCK_FILE = ".lock"  # held while a process writes the run (run_directory_lock)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,37 +270,88 @@ class TrainResult:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during train(): the checkpoint of the last finished step was saved (if any)."""
+    """Ctrl-C (SIGINT) or SIGTERM during train(): the checkpoint of the last finished step was
+    saved (if any). ``signum`` is the signal that stopped the run."""
 
-    def __init__(self, step: int, run_dir: Path | None, saved: bool):
-        self.step, self.run_dir, self.saved = step, run_dir, saved
+    def __init__(self, step: int, run_dir: Path | None, saved: bool, signum: int = signal.SIGINT):
+        self.step, self.run_dir, self.saved, self.signum = step, run_dir, saved, signum
         super().__init__(f"training interrupted after step {step}")
 
 
+class RunDirectoryBusy(ValueError):
+    """Another process is writing the run directory (it holds the directory's lock)."""
+
+
+# The signals that stop a run cleanly: Ctrl-C, and what `timeout`, `docker stop` and cluster
+# schedulers send.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class _DeferInterrupts:
-    """Handle Ctrl-C (SIGINT) during the loop: raise KeyboardInterrupt at once, unless the
-    optimizer is updating the parameters; then hold it until the update is complete."""
+    """Handle Ctrl-C (SIGINT) and SIGTERM during the loop: raise KeyboardInterrupt at once, unless
+    the optimizer is updating the parameters; then hold it until the update is complete."""
 
     def __init__(self):
         self.updating = False
         self.pending = False
-        self._old = None
+        self.signum = signal.SIGINT  # the last stop signal received
+        self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handler)
+            for s in STOP_SIGNALS:
+                self._old[s] = signal.getsignal(s)
+                signal.signal(s, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
     def _handler(self, signum, frame):
+        self.signum = signum
         if self.updating:
             self.pending = True
         else:
             raise KeyboardInterrupt
+
+
+@contextmanager
+def run_directory_lock(run_dir: Path | None):
+    """Hold an exclusive OS lock on ``run_dir`` (its file .lock) while a process writes the run.
+
+    The lock belongs to the open file, so the OS releases it when the process ends however it
+    ends (kill -9 included): a run directory is never left locked. A second writer gets
+    RunDirectoryBusy naming the PID that holds it. The lock file itself is tinylm's; it holds
+    the PID of the last writer and is harmless when left behind.
+    """
+    if run_dir is None:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock, as before
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            raise RunDirectoryBusy(
+                f"{str(run_dir)!r} is being written by another tinylm process (PID {pid}); "
+                "wait for it to finish, or stop it first"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing the file releases the lock
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +403,15 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     """
     t_call = time.perf_counter()
     cfg, ckpt = _resolve_config(config, overrides)
+    if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"out {cfg.out!r} is a file, not a directory")
+    run_dir = None if cfg.out is None else Path(cfg.out)
+    with run_directory_lock(run_dir):  # one writer per run directory
+        return _train_locked(cfg, ckpt, t_call)
+
+
+def _train_locked(cfg: TrainConfig, ckpt, t_call: float) -> TrainResult:
+    """train() once the run directory is locked: check it, set up, run the loop."""
     run_dir = _check_run_dir(cfg, ckpt)  # nothing is written before the data is known to be good
 
     old_backend = get_backend()
@@ -606,7 +669,16 @@ class _Loop:
                     _, loss = model.forward(x, y)
                     grads = model.backward()
                     if cfg.grad_clip > 0:
-                        clip_grad_norm(grads, cfg.grad_clip)
+                        norm = clip_grad_norm(grads, cfg.grad_clip)
+                        if not math.isfinite(norm):
+                            # Stop rather than skip: a step whose gradient is inf or NaN means
+                            # the run diverged, and skipping would hide it behind later steps.
+                            # Nothing of this step was applied; the last checkpoint is intact.
+                            raise RuntimeError(
+                                f"the gradient norm became {norm} at step {self.step + 1}; "
+                                "nothing of that step was applied and the last checkpoint is "
+                                "intact. Try a smaller --lr"
+                            )
                     guard.updating = True
                     optimizer.step(grads, lr=lr_now)
                     self.step += 1
@@ -669,7 +741,9 @@ class _Loop:
                 self.batch_rng.bit_generator.state = rng_states[0]
                 model.dropout_rng.bit_generator.state = rng_states[1]
             self.save()
-            raise TrainingInterrupted(self.step, self.run_dir, saved=True) from None
+            raise TrainingInterrupted(
+                self.step, self.run_dir, saved=True, signum=guard.signum
+            ) from None
         bar.close()
 
         return TrainResult(

@@ -1,0 +1,168 @@
+"""Run directories: tinylm deletes only what it wrote, one process writes a run at a time, SIGTERM
+saves like Ctrl-C, damaged weights are refused, a diverging gradient stops the run at its step,
+and the CLI tells a usage error (exit 2) from a bug in tinylm (exit 1)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from tinylm import cli
+from tinylm.checkpoint import load_checkpoint
+from tinylm.train import RunDirectoryBusy, run_directory_lock, train
+
+TINY = dict(
+    n_layer=1,
+    n_head=2,
+    n_embd=16,
+    block_size=16,
+    batch_size=4,
+    eval_interval=5,
+    log_interval=5,
+    sample_tokens=0,
+    verbose=False,
+    progress=False,
+)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "fox.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 60, encoding="utf-8")
+    return path
+
+
+def users_folder(parent, name):
+    folder = parent / name
+    folder.mkdir(parents=True)
+    (folder / "mine.txt").write_text("the user's own notes", encoding="utf-8")
+    return folder
+
+
+def test_a_users_folder_named_like_a_checkpoint_survives_new_runs(tmp_path, text_file):
+    out = tmp_path / "run"
+    backup = users_folder(out, "checkpoint.2024-backup")
+    lookalike = users_folder(out, "checkpoint.old-deadbeef")  # tinylm's pattern, user's files
+    train(text=str(text_file), steps=5, out=str(out), **TINY)
+    train(text=str(text_file), steps=5, out=str(out), overwrite=True, **TINY)
+    for folder in (backup, lookalike):
+        assert (folder / "mine.txt").read_text(encoding="utf-8") == "the user's own notes"
+    assert load_checkpoint(out).step == 5
+
+
+def test_overwrite_refuses_a_checkpoint_folder_tinylm_did_not_write(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    train(text=str(text_file), steps=5, out=str(out), **TINY)
+    (out / "checkpoint" / "my_weights.npy").write_bytes(b"precious")
+    argv = ["train", "--text", str(text_file), "--steps", "5", "--out", str(out), "--overwrite"]
+    assert cli.main(argv + ["--n-layer", "1", "--n-embd", "16", "--n-head", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "was not written by tinylm" in err and "my_weights.npy" in err
+    assert (out / "checkpoint" / "my_weights.npy").read_bytes() == b"precious"
+
+
+def test_a_second_writer_is_refused_with_the_pid_that_holds_the_run(tmp_path, text_file):
+    out = tmp_path / "run"
+    with run_directory_lock(out):
+        with pytest.raises(RunDirectoryBusy, match=rf"PID {os.getpid()}"):
+            train(text=str(text_file), steps=5, out=str(out), **TINY)
+    # The lock died with its holder: the run goes ahead now.
+    assert train(text=str(text_file), steps=5, out=str(out), **TINY).step == 5
+
+
+def test_the_lock_of_a_killed_process_does_not_stay(tmp_path, text_file):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from tinylm.train import run_directory_lock\n"
+         "with run_directory_lock(Path(sys.argv[1])):\n"
+         "    print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunDirectoryBusy, match=rf"PID {holder.pid}"):
+        train(text=str(text_file), steps=5, out=str(out), **TINY)
+    holder.kill()  # kill -9: no cleanup runs in the holder
+    holder.wait()
+    assert train(text=str(text_file), steps=5, out=str(out), **TINY).step == 5
+
+
+def test_sigterm_saves_and_exits_like_ctrl_c(tmp_path, text_file):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "tinylm", "train", "--text", str(text_file), "--out", str(out),
+            "--steps", "100000", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+            "--block-size", "16", "--eval-interval", "5", "--sample-tokens", "0",
+            "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoint" / "config.json").exists():  # training has begun
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "tinylm train --resume" in err
+    step = load_checkpoint(out).step
+    assert step >= 5
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] <= step
+
+
+def test_weights_holding_nan_are_refused_with_the_tensor_named(tmp_path, text_file):
+    out = tmp_path / "run"
+    train(text=str(text_file), steps=5, out=str(out), **TINY)
+    path = out / "checkpoint" / "model.safetensors"
+    params = safetensors.numpy.load_file(str(path))
+    params["h.0.mlp.c_fc.weight"][3, 4] = np.nan
+    safetensors.numpy.save_file(params, str(path))
+    with pytest.raises(ValueError, match=r"'h.0.mlp.c_fc.weight' holds 1 NaN or infinite"):
+        load_checkpoint(out)
+
+
+def test_a_non_finite_gradient_norm_stops_the_run_at_that_step(tmp_path, text_file, monkeypatch):
+    import sys as _sys
+
+    loop_module = _sys.modules["tinylm.train"]
+    real_clip = loop_module.clip_grad_norm
+    calls = []
+
+    def clip_that_diverges_at_step_7(grads, max_norm):
+        calls.append(1)
+        return float("nan") if len(calls) == 7 else real_clip(grads, max_norm)
+
+    monkeypatch.setattr(loop_module, "clip_grad_norm", clip_that_diverges_at_step_7)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"gradient norm became nan at step 7"):
+        train(text=str(text_file), steps=20, out=str(out), **TINY)
+    assert load_checkpoint(out).step == 5  # the last checkpoint is intact
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [(["--seed", "-1"], "--seed"), (["--temperature", "nan"], "--temperature"),
+     (["--temperature", "inf"], "--temperature"), (["--max-new-tokens", "-3"], "--max-new-tokens")],
+)  # fmt: skip
+def test_numeric_sample_flags_name_themselves(tmp_path, text_file, capsys, flags, flag):
+    out = tmp_path / "run"
+    train(text=str(text_file), steps=5, out=str(out), **TINY)
+    assert cli.main(["sample", str(out), *flags]) == 2
+    assert f"error: {flag} must be" in capsys.readouterr().err
+
+
+def test_a_bug_in_tinylm_is_exit_1_with_the_debug_hint(monkeypatch, capsys):
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_gradcheck", broken)
+    monkeypatch.delenv("TINYLM_DEBUG", raising=False)
+    assert cli.main(["gradcheck"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error" in err and "TINYLM_DEBUG=1" in err and "KeyError" in err
+    with pytest.raises(KeyError):
+        cli.main(["--debug", "gradcheck"])
