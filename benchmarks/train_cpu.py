@@ -35,7 +35,7 @@ from tinylm.backend import keep_freed_memory
 from tinylm.checkpoint import save_checkpoint
 from tinylm.model import GPT
 from tinylm.optim import AdamW, clip_grad_norm
-from tinylm.train import (
+from tinylm.training import (
     SETTINGS,
     TrainConfig,
     evaluate,

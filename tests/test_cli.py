@@ -279,10 +279,10 @@ def test_eval_refuses_a_training_text_that_changed(capsys, tmp_path, text_file):
 
 
 def test_out_of_memory_is_one_line(capsys, monkeypatch, text_file):
-    import tinylm.train  # noqa: F401  (the module, which `tinylm.train` the function hides)
+    import tinylm.training  # noqa: F401
 
     def no_memory(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(sys.modules["tinylm.train"], "train", no_memory)
+    monkeypatch.setattr(sys.modules["tinylm.training"], "train", no_memory)
     fails(capsys, ["train", "--text", str(text_file), "--steps", "2"], "out of memory")

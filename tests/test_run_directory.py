@@ -15,7 +15,7 @@ import safetensors.numpy
 
 from tinylm import cli
 from tinylm.checkpoint import load_checkpoint
-from tinylm.train import RunDirectoryBusy, run_directory_lock, train
+from tinylm.training import RunDirectoryBusy, run_directory_lock, train
 
 TINY = dict(
     n_layer=1,
@@ -80,7 +80,7 @@ def test_the_lock_of_a_killed_process_does_not_stay(tmp_path, text_file):
     out = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from tinylm.train import run_directory_lock\n"
+         "import sys, time; from pathlib import Path; from tinylm.training import run_directory_lock\n"
          "with run_directory_lock(Path(sys.argv[1])):\n"
          "    print('locked', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True,
@@ -128,7 +128,7 @@ def test_weights_holding_nan_are_refused_with_the_tensor_named(tmp_path, text_fi
 def test_a_non_finite_gradient_norm_stops_the_run_at_that_step(tmp_path, text_file, monkeypatch):
     import sys as _sys
 
-    loop_module = _sys.modules["tinylm.train"]
+    loop_module = _sys.modules["tinylm.training"]
     real_clip = loop_module.clip_grad_norm
     calls = []
 

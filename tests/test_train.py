@@ -9,7 +9,7 @@ import pytest
 from tinylm import data as data_io
 from tinylm.checkpoint import load_checkpoint
 from tinylm.model import GPT, GPTConfig
-from tinylm.train import TrainConfig, TrainingInterrupted, evaluate, train
+from tinylm.training import TrainConfig, TrainingInterrupted, evaluate, train
 
 TINY = dict(
     n_layer=1,

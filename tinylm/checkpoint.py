@@ -72,7 +72,7 @@ class Checkpoint:
     step: int  # optimizer steps done
     model_config: GPTConfig
     dtype: np.dtype  # of every parameter (float32 or float64)
-    train_config: dict  # the settings of the run (a TrainConfig as a dict; checked by train.py)
+    train_config: dict  # the settings of the run (a TrainConfig as a dict; checked by training.py)
     tokenizer: object  # CharTokenizer or BPETokenizer
     params: dict[str, np.ndarray]
     optimizer_state: dict  # in the form of AdamW.state_dict()

@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_train(args) -> int:
-    from tinylm.train import SETTINGS, TrainingInterrupted, train
+    from tinylm.training import SETTINGS, TrainingInterrupted, train
 
     settings = {}
     if args.config is not None:
@@ -82,7 +82,7 @@ def _read_config_file(path, known) -> dict:
 
 
 def _add_train_parser(sub):
-    from tinylm.train import TrainConfig
+    from tinylm.training import TrainConfig
 
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -251,7 +251,7 @@ def cmd_eval(args) -> int:
     from tinylm import data as data_io
     from tinylm.backend import set_backend
     from tinylm.checkpoint import load_checkpoint
-    from tinylm.train import TrainConfig, evaluate, split_tokens
+    from tinylm.training import TrainConfig, evaluate, split_tokens
 
     _check_flag("--batch-size", args.batch_size, low=1)
     ckpt = load_checkpoint(args.run_dir)
@@ -304,7 +304,7 @@ def _add_eval_parser(sub):
 
 def cmd_info(args) -> int:
     from tinylm.checkpoint import load_checkpoint
-    from tinylm.train import METRICS_FILE, format_record, read_metrics
+    from tinylm.training import METRICS_FILE, format_record, read_metrics
 
     ckpt = load_checkpoint(args.run_dir)
     run_dir = ckpt.path.parent  # the checkpoint is RUN_DIR/checkpoint

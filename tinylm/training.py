@@ -333,6 +333,7 @@ def run_directory_lock(run_dir: Path | None):
     except ImportError:  # not a POSIX system: no lock, as before
         yield
         return
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
     try:
@@ -352,6 +353,11 @@ def run_directory_lock(run_dir: Path | None):
         yield
     finally:
         f.close()  # closing the file releases the lock
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+            # This call made the directory and the run failed before writing anything into
+            # it: leave no trace, so the same command can simply be run again.
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------
