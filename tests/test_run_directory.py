@@ -80,7 +80,8 @@ def test_the_lock_of_a_killed_process_does_not_stay(tmp_path, text_file):
     out = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from tinylm.training import run_directory_lock\n"
+         "import sys, time; from pathlib import Path\n"
+         "from tinylm.training import run_directory_lock\n"
          "with run_directory_lock(Path(sys.argv[1])):\n"
          "    print('locked', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True,
@@ -166,3 +167,53 @@ def test_a_bug_in_tinylm_is_exit_1_with_the_debug_hint(monkeypatch, capsys):
     assert "internal error" in err and "TINYLM_DEBUG=1" in err and "KeyError" in err
     with pytest.raises(KeyError):
         cli.main(["--debug", "gradcheck"])
+
+
+def test_out_inside_another_runs_checkpoint_is_refused(tmp_path, text_file):
+    out = tmp_path / "run"
+    train(text=str(text_file), steps=5, out=str(out), **TINY)
+    before = sorted(p.name for p in (out / "checkpoint").iterdir())
+    for inner in (out / "checkpoint", out / "checkpoint" / "sub"):
+        with pytest.raises(ValueError, match="inside the checkpoint"):
+            train(text=str(text_file), steps=5, out=str(inner), **TINY)
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_how_to_start_again(tmp_path, text_file):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 5, "train_loss": 3.0}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="before its first checkpoint.*--overwrite"):
+        train(text=str(text_file), steps=5, out=str(out), **TINY)
+    with pytest.raises(ValueError, match="before its first checkpoint.*--overwrite"):
+        train(resume=str(out), steps=10)
+    assert train(text=str(text_file), steps=5, out=str(out), overwrite=True, **TINY).step == 5
+
+
+def test_quiet_is_a_setting_of_one_invocation(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    train(text=str(text_file), steps=5, out=str(out), **TINY)  # verbose=False
+    capsys.readouterr()
+    result = train(resume=str(out), steps=10, progress=False)
+    assert result.config.verbose is True
+    assert "resuming at step 5" in capsys.readouterr().out
+
+
+def test_a_failed_save_is_one_line_saying_the_previous_checkpoint_is_intact(
+    tmp_path, text_file, monkeypatch, capsys
+):
+    import sys as _sys
+
+    out = tmp_path / "run"
+    train(text=str(text_file), steps=5, out=str(out), **TINY)
+    loop_module = _sys.modules["tinylm.training"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop_module.ckpt_io, "save_checkpoint", disk_full)
+    assert cli.main(["train", "--resume", str(out), "--steps", "10", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "No space left on device" in err
+    assert "the previous checkpoint (step 5) is intact" in err
+    assert load_checkpoint(out).step == 5

@@ -409,9 +409,17 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     """
     t_call = time.perf_counter()
     cfg, ckpt = _resolve_config(config, overrides)
-    if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ValueError(f"out {cfg.out!r} is a file, not a directory")
     run_dir = None if cfg.out is None else Path(cfg.out)
+    if run_dir is not None:  # checked before the lock creates anything
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"out {cfg.out!r} is a file, not a directory")
+        resolved = run_dir.resolve()
+        inside = [p for p in (resolved, *resolved.parents) if ckpt_io.is_tinylm_checkpoint(p)]
+        if inside:
+            raise ValueError(
+                f"out {cfg.out!r} is inside the checkpoint {str(inside[0])!r} of another run; "
+                "choose a directory of its own"
+            )
     with run_directory_lock(run_dir):  # one writer per run directory
         return _train_locked(cfg, ckpt, t_call)
 
@@ -504,7 +512,15 @@ def _resolve_config(config, overrides) -> tuple[TrainConfig, ckpt_io.Checkpoint 
             "to resume a run, give its changed settings as keyword overrides, not a TrainConfig"
         )
 
-    ckpt = ckpt_io.load_checkpoint(resume)
+    try:
+        ckpt = ckpt_io.load_checkpoint(resume)
+    except ValueError as err:
+        if Path(resume).is_dir() and (Path(resume) / METRICS_FILE).exists():
+            raise ValueError(
+                f"{err}; the run in {resume} was stopped before its first checkpoint, so there "
+                f"is nothing to resume: start it again with --out {resume} --overwrite"
+            ) from err
+        raise
     resume = str(ckpt.path.parent)  # the run directory, also when given its checkpoint/
     cfg_file = ckpt.path / "config.json"
     saved = TrainConfig.from_dict(ckpt.train_config, source=f"{cfg_file}: train_config")
@@ -524,7 +540,15 @@ def _resolve_config(config, overrides) -> tuple[TrainConfig, ckpt_io.Checkpoint 
         raise ValueError(
             f"a resumed run continues in its own directory {resume}; leave out out={out!r}"
         )
-    settings = {**overrides, "out": str(resume), "resume": str(resume), "overwrite": False}
+    # How this invocation prints (verbose, progress) is its own choice, not the saved run's.
+    per_invocation = {"verbose": TrainConfig.verbose, "progress": TrainConfig.progress}
+    settings = {
+        **per_invocation,
+        **overrides,
+        "out": str(resume),
+        "resume": str(resume),
+        "overwrite": False,
+    }
     cfg = replace(saved, **settings)
     if cfg.steps <= ckpt.step:
         raise ValueError(
@@ -554,12 +578,16 @@ def _check_run_dir(cfg: TrainConfig, ckpt) -> Path | None:
         raise ValueError(f"out {str(run_dir)!r} is a file, not a directory")
     if ckpt is None and run_dir.is_dir():
         ours = [n for n in (METRICS_FILE, SAMPLES_FILE, PLOT_FILE) if (run_dir / n).exists()]
-        if ckpt_io.has_checkpoint(run_dir) or ours:
-            if not cfg.overwrite:
-                raise ValueError(
-                    f"{str(run_dir)!r} already holds a training run; continue it with "
-                    f"--resume {run_dir}, start over with --overwrite, or choose another --out"
-                )
+        if not cfg.overwrite and ckpt_io.has_checkpoint(run_dir):
+            raise ValueError(
+                f"{str(run_dir)!r} already holds a training run; continue it with "
+                f"--resume {run_dir}, start over with --overwrite, or choose another --out"
+            )
+        if not cfg.overwrite and ours:
+            raise ValueError(
+                f"{str(run_dir)!r} holds a run that stopped before its first checkpoint "
+                f"({', '.join(ours)}); start it again with --overwrite, or choose another --out"
+            )
     return run_dir
 
 
@@ -585,6 +613,7 @@ class _Loop:
         self.cfg, self.run_dir, self.model, self.tokenizer = cfg, run_dir, model, tokenizer
         self.optimizer, self.batch_rng = optimizer, batch_rng
         self.step = ckpt.step if ckpt is not None else 0
+        self.saved_step = ckpt.step if ckpt is not None else None  # of the last checkpoint
         self.elapsed0 = float(ckpt.extra.get("elapsed", 0.0)) if ckpt is not None else 0.0
         self.extra = {}
         self.history_before = self._prepare_files(ckpt)
@@ -616,16 +645,30 @@ class _Loop:
                 f.write(json.dumps(record) + "\n")
 
     def save(self):
-        ckpt_io.save_checkpoint(
-            self.run_dir / ckpt_io.CHECKPOINT_NAME,
-            model=self.model,
-            optimizer=self.optimizer,
-            tokenizer=self.tokenizer,
-            step=self.step,
-            batch_rng=self.batch_rng,
-            train_config=self.cfg.to_dict(),
-            extra={**self.extra, "elapsed": self.elapsed()},
-        )
+        try:
+            ckpt_io.save_checkpoint(
+                self.run_dir / ckpt_io.CHECKPOINT_NAME,
+                model=self.model,
+                optimizer=self.optimizer,
+                tokenizer=self.tokenizer,
+                step=self.step,
+                batch_rng=self.batch_rng,
+                train_config=self.cfg.to_dict(),
+                extra={**self.extra, "elapsed": self.elapsed()},
+            )
+        except OSError as err:  # a full disk, a read-only directory, ...
+            # save_checkpoint writes a new checkpoint beside the old one and swaps them only
+            # once it is complete, so the old one is untouched.
+            before = (
+                f"the previous checkpoint (step {self.saved_step}) is intact"
+                if self.saved_step is not None
+                else "no checkpoint was written; the same command starts the run again"
+            )
+            raise OSError(
+                f"could not save the checkpoint of step {self.step} in {self.run_dir} "
+                f"({err.strerror or err}); {before}"
+            ) from err
+        self.saved_step = self.step
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.perf_counter() - self.t0
