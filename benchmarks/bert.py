@@ -122,6 +122,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per size (median)")
     parser.add_argument("--json", default="benchmarks/results/bert.json", help="output file")
+    parser.add_argument("--note", default="", help="how loaded the machine was, for the record")
     args = parser.parse_args()
     try:
         import torch
@@ -148,8 +149,8 @@ def main():
         "threads": THREADS,
         "torch": torch.__version__,
         "malloc_keeps_freed_memory": malloc_tuned,
-        "note": "shared 2-core machine: other jobs ran at the same time; the two libraries "
-                "were timed alternately so such load falls on both",
+        "note": args.note or "the two libraries were timed alternately, so any load from other "
+                             "jobs falls on both",
         "target_ratio": 1.3,
         "results": results,
     }
