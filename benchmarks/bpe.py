@@ -9,7 +9,10 @@ Measures, on one CPU core (the tokenizer is pure Python):
   the same tokenizer encodes text it has already seen, e.g. the validation split);
 - decode throughput in MB/s of UTF-8 output, the median of the same number of runs;
 - compression: UTF-8 bytes per token on the corpus (the tokenizer is trained and measured
-  on the same text, so this is an optimistic figure).
+  on the same text, so this is an optimistic figure);
+- GPT-2's format: the encode throughput (cache cleared) of a tokenizer read from vocab.json +
+  merges.txt with ``BPETokenizer.from_pretrained`` (GPT-2's exact pre-tokenizer): the trained
+  one written with ``save_pretrained``, or GPT-2's own with ``--gpt2-dir DIR``.
 
 Results are printed and written as JSON with the machine and the date:
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import tempfile
 import time
 
 from report import machine_info, write_report  # benchmarks/report.py
@@ -52,6 +56,7 @@ def main(argv=None):
     parser.add_argument("--merges", type=int, default=2000, help="number of merges to learn")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of encode and decode")
     parser.add_argument("--json", default="benchmarks/results/bpe_cpu.json", help="output path")
+    parser.add_argument("--gpt2-dir", help="a directory with GPT-2's vocab.json and merges.txt")
     args = parser.parse_args(argv)
 
     text = default_corpus()
@@ -77,6 +82,18 @@ def main(argv=None):
         decode.append(seconds)
     assert decoded == text, "round trip failed"
 
+    # GPT-2's format: the same encoder, its tables read from vocab.json + merges.txt.
+    if args.gpt2_dir:
+        gpt2_tok, gpt2_source = BPETokenizer.from_pretrained(args.gpt2_dir), args.gpt2_dir
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            gpt2_tok = BPETokenizer.from_pretrained(tok.save_pretrained(tmp))
+        gpt2_source = "the trained tokenizer, written and read back in GPT-2's format"
+    gpt2_cold = []
+    for _ in range(args.repeats):
+        gpt2_tok.clear_cache()
+        gpt2_cold.append(timed(lambda: gpt2_tok.encode(text))[0])
+
     results = {
         "benchmark": "bpe",
         "corpus": "pydoc",
@@ -92,6 +109,8 @@ def main(argv=None):
         "decode_MB_per_s": round(mb / statistics.median(decode), 3),
         "tokens": len(ids),
         "bytes_per_token": round(n_bytes / len(ids), 3),
+        "gpt2_format_encode_MB_per_s": round(mb / statistics.median(gpt2_cold), 3),
+        "gpt2_format_tokenizer": f"{gpt2_source} (vocab_size {gpt2_tok.vocab_size})",
         "machine": machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -100,6 +119,10 @@ def main(argv=None):
         f"{results['encode_warm_cache_MB_per_s']:.2f} MB/s (warm cache)"
     )
     print(f"decode: {results['decode_MB_per_s']:.2f} MB/s")
+    print(
+        f"GPT-2 format encode: {results['gpt2_format_encode_MB_per_s']:.2f} MB/s "
+        f"(cache cleared; {results['gpt2_format_tokenizer']})"
+    )
     print(f"compression: {len(ids):,} tokens, {results['bytes_per_token']:.3f} bytes per token")
 
     write_report(args.json, results)
