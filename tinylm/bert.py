@@ -297,12 +297,13 @@ class Bert:
         model, _ = load_bert(path, dtype)
         return model
 
-    def save_pretrained(self, path, tokenizer=None):
+    def save_pretrained(self, path, tokenizer=None, id2label=None):
         """Write this model (and a WordPieceTokenizer) as a Hugging Face BERT directory that
-        ``transformers`` loads (BertForPreTraining, ... by its heads); returns the path."""
+        ``transformers`` loads (BertForPreTraining, ... by its heads); returns the path.
+        id2label: the classifier's class names in id order (default LABEL_0, LABEL_1, ...)."""
         from tinylm.hf.bert import save_bert
 
-        return save_bert(self, path, tokenizer)
+        return save_bert(self, path, tokenizer, id2label)
 
     def _attention_pair(self):
         """layers.py's attention on the CPU; on the GPU the fused kernel of tinylm/cuda.py."""

@@ -110,8 +110,12 @@ def architecture(config: BertConfig) -> str:
     return "BertModel"
 
 
-def config_to_hf(config: BertConfig) -> dict:
-    """The config.json of a BERT with this BertConfig, as transformers writes it."""
+def config_to_hf(config: BertConfig, id2label=None) -> dict:
+    """The config.json of a BERT with this BertConfig, as transformers writes it.
+
+    id2label: the names of the classifier's classes, in id order (default LABEL_0, LABEL_1,
+    ..., transformers' default); written as id2label and label2id, which transformers'
+    text-classification pipeline reports."""
     hf = {
         "model_type": "bert",
         "architectures": [architecture(config)],
@@ -122,9 +126,52 @@ def config_to_hf(config: BertConfig) -> dict:
         "add_cross_attention": False,
     }
     if config.num_labels:
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+        names = check_labels(id2label, config.num_labels)
+        hf["id2label"] = {str(i): name for i, name in enumerate(names)}
+        hf["label2id"] = {name: i for i, name in enumerate(names)}
+    elif id2label is not None:
+        raise ValueError("id2label given, but the model has no classifier (num_labels=0)")
     return hf
+
+
+def check_labels(id2label, num_labels: int) -> list[str]:
+    """The class names as a list in id order: id2label (a list, or a dict id -> name) or, when
+    None, transformers' defaults LABEL_0 ... ValueError when they do not fit num_labels."""
+    if id2label is None:
+        return [f"LABEL_{i}" for i in range(num_labels)]
+    if isinstance(id2label, dict):
+        try:
+            by_id = {int(i): name for i, name in id2label.items()}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"id2label: keys must be class ids 0..{num_labels - 1}") from err
+        if sorted(by_id) != list(range(num_labels)):
+            raise ValueError(
+                f"id2label must name classes 0..{num_labels - 1}, got ids {sorted(by_id)}"
+            )
+        names = [by_id[i] for i in range(num_labels)]
+    else:
+        names = list(id2label)
+    if len(names) != num_labels:
+        raise ValueError(f"id2label must name {num_labels} classes, got {len(names)}")
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"id2label must be distinct non-empty strings, got {names!r}")
+    return names
+
+
+def read_labels(path) -> list[str]:
+    """The class names of a BERT classifier directory in id order, from config.json's id2label
+    (transformers' LABEL_i when it has none). ValueError naming the file when they do not fit
+    the classifier's num_labels."""
+    path = Path(path)
+    hf = read_config(path, MODEL_TYPES + ("gpt2",))
+    num_labels = hf.get("num_labels")
+    id2label = hf.get("id2label")
+    if num_labels is None:
+        num_labels = len(id2label) if isinstance(id2label, dict) else 2
+    try:
+        return check_labels(id2label, int(num_labels))
+    except ValueError as err:
+        raise ValueError(f"model config {str(path / CONFIG_NAME)!r}: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,11 +291,12 @@ def _model_with_params(config: BertConfig, params: dict, dtype) -> Bert:
     return model
 
 
-def save_bert(model: Bert, path, tokenizer=None) -> Path:
+def save_bert(model: Bert, path, tokenizer=None, id2label=None) -> Path:
     """Write ``model`` (and ``tokenizer``, a WordPieceTokenizer) as a Hugging Face BERT
     directory: config.json, model.safetensors (in the model's dtype), and vocab.txt and
-    tokenizer_config.json when a tokenizer is given. The directory rules are those of
-    tinylm.hf.common.write_pretrained. Returns the directory."""
+    tokenizer_config.json when a tokenizer is given. id2label names a classifier's classes
+    (see config_to_hf). The directory rules are those of tinylm.hf.common.write_pretrained.
+    Returns the directory."""
     from tinylm.wordpiece import WordPieceTokenizer
 
     extra_files = None
@@ -264,5 +312,5 @@ def save_bert(model: Bert, path, tokenizer=None) -> Path:
                 f"vocab_size={model.config.vocab_size}"
             )
         extra_files = tokenizer.pretrained_files()
-    config = config_to_hf(model.config)
+    config = config_to_hf(model.config, id2label)
     return write_pretrained(path, config, params_to_hf(model.params), extra_files)
