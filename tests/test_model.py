@@ -521,3 +521,143 @@ def test_config_checks_flags_and_keeps_float32_with_numpy_scalars():
     idx = np.zeros((1, 3), dtype=np.int64)
     logits, loss = model.forward(idx, idx)
     assert logits.dtype == np.float32 and loss.dtype == np.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT(config, params=...): given parameters instead of the random initialisation
+
+
+def test_given_params_skip_the_initialisation_and_are_cast(monkeypatch):
+    source = random_model(seed=20)  # float64
+    monkeypatch.setattr(
+        "tinylm.model.init_params", lambda *a, **k: pytest.fail("init_params was called")
+    )
+    model = GPT(source.config, seed=3, dtype=np.float32, params=source.params)
+    assert list(model.params) == list(source.params)
+    for name, a in model.params.items():
+        assert a.dtype == np.float32 and a.flags.c_contiguous, name
+        np.testing.assert_array_equal(a, source.params[name].astype(np.float32), err_msg=name)
+    idx = np.random.default_rng(21).integers(0, V, size=(2, 5))
+    assert rel_error(model.forward(idx)[0], source.forward(idx)[0]) <= 1e-5
+    # Arrays already of the model's dtype are taken as they are, without a copy.
+    same = GPT(source.config, dtype=np.float64, params=source.params)
+    assert all(same.params[k] is source.params[k] for k in source.params)
+    # The seed still seeds dropout: the same stream as a randomly initialised model's.
+    monkeypatch.undo()
+    initialised = GPT(source.config, seed=3)
+    assert model.dropout_rng.random(4).tolist() == initialised.dropout_rng.random(4).tolist()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+def test_given_params_may_be_any_config_layout(cfg):
+    config = tiny_config(**cfg)
+    params = init_params(config, seed=5)
+    model = GPT(config, dtype=np.float64, params=params)
+    reference = GPT(config, seed=5, dtype=np.float64)
+    for name in reference.params:
+        np.testing.assert_array_equal(model.params[name], reference.params[name])
+
+
+def test_given_params_that_do_not_fit_are_refused_by_name():
+    config = tiny_config()
+    params = init_params(config)
+    missing = {k: a for k, a in params.items() if not k.startswith("h.1.")}
+    with pytest.raises(ValueError, match=r"missing h\.1\.ln_1\.weight, .* and 7 more, unexpected"
+                       r" none"):  # fmt: skip
+        GPT(config, params=missing)
+    extra = params | {"lm_head.weight": np.zeros((V, C)), "h.9.attn.c_attn.weight": np.zeros(1)}
+    with pytest.raises(
+        ValueError, match=r"missing none, unexpected lm_head\.weight, h\.9\.attn\.c_attn\.weight$"
+    ):
+        GPT(config, params=extra)
+    wrong = params | {"h.0.mlp.c_fc.weight": np.zeros((C, 3 * C))}
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"params['h.0.mlp.c_fc.weight'] has shape ({C}, {3 * C}), expected "
+                        f"({C}, {4 * C})"),
+    ):  # fmt: skip
+        GPT(config, params=wrong)
+    with pytest.raises(ValueError, match=r"params\['wte.weight'\] has shape list, expected"):
+        GPT(config, params=params | {"wte.weight": [[0.0] * C] * V})
+    with pytest.raises(TypeError, match="params must be a dict of name -> array, got list"):
+        GPT(config, params=list(params.values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# features(idx) and backward_features(dfeatures): the hidden states and their gradients
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_features_are_what_the_output_layer_reads(tie):
+    model = random_model(seed=22, tie_weights=tie)
+    idx = np.random.default_rng(23).integers(0, V, size=(2, 5))
+    hidden = model.features(idx)
+    assert hidden.shape == (2, 5, C) and hidden.dtype == np.float64
+    W_out = model.params["wte.weight" if tie else "lm_head.weight"]
+    np.testing.assert_allclose(model.forward(idx)[0], hidden @ W_out.T, rtol=1e-13, atol=1e-13)
+    # ln_f's output: each position normalised, then scaled and shifted
+    reference = reference_logits(model.params, model.config, idx)
+    np.testing.assert_allclose(hidden @ W_out.T, reference, rtol=1e-10, atol=1e-10)
+
+
+FEATURE_CONFIGS = {
+    "learned-tied-bias": dict(),
+    "sinusoidal-untied-nobias-dropout": dict(
+        positions="sinusoidal", tie_weights=False, bias=False, dropout=0.3
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FEATURE_CONFIGS))
+def test_backward_features_against_central_differences(case):
+    """float64, the scalar sum(features(idx) * W) with a random W: every parameter's gradient
+    from backward_features(W) within 1e-7 (relative) of central differences."""
+    model = random_model(seed=24, **FEATURE_CONFIGS[case])
+    rng = np.random.default_rng(25)
+    idx = rng.integers(0, V, size=(2, 5))
+    W = rng.standard_normal((2, 5, C))
+    state = model.dropout_rng.bit_generator.state
+
+    def features(_):
+        model.dropout_rng.bit_generator.state = state  # the same dropout masks every time
+        return model.features(idx)
+
+    features(None)
+    grads = model.backward_features(W)
+    assert list(grads) == list(model.params)
+    errors = {}
+    for name, param in model.params.items():
+        numeric = gradcheck.numerical_gradient(features, param, W)  # nudges param in place
+        errors[name] = rel_error(grads[name], numeric)
+    bad = {name: e for name, e in errors.items() if not e <= 1e-7}
+    assert not bad, bad
+    if "lm_head.weight" in grads:
+        assert not grads["lm_head.weight"].any()  # the output layer was not used
+
+
+def test_backward_features_of_the_logits_is_backward():
+    """Feeding backward_features the gradient that flows into the features from the loss gives
+    backward()'s gradients, less the output layer's use of wte."""
+    model = random_model(seed=26, tie_weights=False)
+    rng = np.random.default_rng(27)
+    idx, targets = rng.integers(0, V, size=(2, 5)), rng.integers(0, V, size=(2, 5))
+    logits, _ = model.forward(idx, targets)
+    full = model.backward()
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    dlogits = (probs - np.eye(V)[targets]) / targets.size  # d mean cross-entropy / d logits
+    partial = model.backward_features(dlogits @ model.params["lm_head.weight"])
+    for name in model.params:
+        if name != "lm_head.weight":
+            np.testing.assert_allclose(partial[name], full[name], rtol=1e-10, atol=1e-14)
+
+
+def test_backward_features_checks_its_input():
+    model = GPT(tiny_config(), dtype=np.float64)
+    with pytest.raises(RuntimeError, match=r"needs a features\(idx\)"):
+        model.backward_features(np.zeros((1, 3, C)))
+    model.features(np.zeros((1, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match=re.escape(f"shape (1, 3, {C}), got (1, 3, {V})")):
+        model.backward_features(np.zeros((1, 3, V)))
+    with pytest.raises(RuntimeError, match=r"backward\(\) needs a forward\(idx, targets\)"):
+        model.backward()  # features() computed no loss

@@ -87,46 +87,69 @@ class GPTConfig:
         return asdict(self)
 
 
+def param_shapes(config: GPTConfig) -> dict[str, tuple]:
+    """Every parameter's name and shape, in GPT-2's checkpoint order (no ``transformer.``).
+
+    The linear weights are (in, out), as GPT-2's "Conv1D" stores them: a layer computes x @ W + b.
+    """
+    C, V = config.n_embd, config.vocab_size
+    shapes = {"wte.weight": (V, C)}
+    if config.positions == "learned":
+        shapes["wpe.weight"] = (config.block_size, C)
+    for i in range(config.n_layer):
+        h = f"h.{i}."
+        shapes[h + "ln_1.weight"] = (C,)
+        shapes[h + "ln_1.bias"] = (C,)
+        shapes[h + "attn.c_attn.weight"] = (C, 3 * C)
+        shapes[h + "attn.c_attn.bias"] = (3 * C,)
+        shapes[h + "attn.c_proj.weight"] = (C, C)
+        shapes[h + "attn.c_proj.bias"] = (C,)
+        shapes[h + "ln_2.weight"] = (C,)
+        shapes[h + "ln_2.bias"] = (C,)
+        shapes[h + "mlp.c_fc.weight"] = (C, 4 * C)
+        shapes[h + "mlp.c_fc.bias"] = (4 * C,)
+        shapes[h + "mlp.c_proj.weight"] = (4 * C, C)
+        shapes[h + "mlp.c_proj.bias"] = (C,)
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    if not config.tie_weights:
+        shapes["lm_head.weight"] = (V, C)
+    if not config.bias:
+        # Without biases the linear layers have none and the LayerNorms keep only their gain.
+        shapes = {name: shape for name, shape in shapes.items() if not name.endswith(".bias")}
+    return shapes
+
+
 def init_params(config: GPTConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """GPT-2's initialisation, in float64 NumPy from one seeded Generator (the same on any device).
 
     Weights ~ Normal(0, 0.02); the two projections that write into the residual stream
     (attn.c_proj, mlp.c_proj) use 0.02 / sqrt(2 * n_layer), so the residual sum of 2*n_layer
-    branches keeps its variance; biases 0; LayerNorm gains 1.
+    branches keeps its variance; biases 0; LayerNorm gains 1. The weights are drawn in the order
+    of ``param_shapes``.
     """
     rng = np.random.default_rng(seed)
-    C, V = config.n_embd, config.vocab_size
     std = 0.02
     std_residual = 0.02 / math.sqrt(2 * config.n_layer)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(".bias"):
+            params[name] = np.zeros(shape)
+        elif name.split(".")[-2].startswith("ln_"):  # the gains of ln_1, ln_2, ln_f
+            params[name] = np.ones(shape)
+        elif name.endswith("c_proj.weight"):
+            params[name] = rng.normal(0.0, std_residual, size=shape)
+        else:
+            params[name] = rng.normal(0.0, std, size=shape)
+    return params
 
-    def normal(shape, s=std):
-        return rng.normal(0.0, s, size=shape)
 
-    p = {"wte.weight": normal((V, C))}
-    if config.positions == "learned":
-        p["wpe.weight"] = normal((config.block_size, C))
-    for i in range(config.n_layer):
-        h = f"h.{i}."
-        p[h + "ln_1.weight"] = np.ones(C)
-        p[h + "ln_1.bias"] = np.zeros(C)
-        p[h + "attn.c_attn.weight"] = normal((C, 3 * C))
-        p[h + "attn.c_attn.bias"] = np.zeros(3 * C)
-        p[h + "attn.c_proj.weight"] = normal((C, C), std_residual)
-        p[h + "attn.c_proj.bias"] = np.zeros(C)
-        p[h + "ln_2.weight"] = np.ones(C)
-        p[h + "ln_2.bias"] = np.zeros(C)
-        p[h + "mlp.c_fc.weight"] = normal((C, 4 * C))
-        p[h + "mlp.c_fc.bias"] = np.zeros(4 * C)
-        p[h + "mlp.c_proj.weight"] = normal((4 * C, C), std_residual)
-        p[h + "mlp.c_proj.bias"] = np.zeros(C)
-    p["ln_f.weight"] = np.ones(C)
-    p["ln_f.bias"] = np.zeros(C)
-    if not config.tie_weights:
-        p["lm_head.weight"] = normal((V, C))
-    if not config.bias:
-        # Without biases the linear layers have none and the LayerNorms keep only their gain.
-        p = {k: a for k, a in p.items() if not k.endswith(".bias")}
-    return p
+def _shorten(names, head=5) -> str:
+    """A list of names for an error message: all of a short list, the first few of a long one."""
+    if not names:
+        return "none"
+    more = f" and {len(names) - head} more" if len(names) > head else ""
+    return ", ".join(names[:head]) + more
 
 
 class GPT:
@@ -135,9 +158,15 @@ class GPT:
         model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128))
         logits, loss = model.forward(idx, targets)   # idx, targets: integer (B, T)
         grads = model.backward()                     # dict like model.params
+
+        hidden = model.features(idx)                 # (B, T, C), the states after ln_f
+        grads = model.backward_features(dhidden)     # for a loss of your own on them
+
+    ``GPT(config, params=arrays)`` takes given parameters (a checkpoint's, a Hugging Face
+    directory's) instead of drawing the random initialisation; ``seed`` then seeds only dropout.
     """
 
-    def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32, params=None):
         if np.dtype(dtype) not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -147,7 +176,10 @@ class GPT:
         self.device = "cpu"
         self.training = True  # dropout is applied only while training
         self.dropout_rng = np.random.default_rng(seed + 1)  # its own stream, apart from init
-        self.params = {k: a.astype(self.dtype) for k, a in init_params(config, seed).items()}
+        if params is None:
+            self.params = {k: a.astype(self.dtype) for k, a in init_params(config, seed).items()}
+        else:
+            self.params = self._given_params(params)
         self._pe = None
         if config.positions == "sinusoidal":
             self._pe = layers.sinusoidal_positions(config.block_size, config.n_embd, self.dtype)
@@ -155,6 +187,34 @@ class GPT:
         self.use_kernel = True  # on the GPU, attention runs in the fused kernel (tinylm/cuda.py)
         if get_backend() == "cupy":  # tinylm.set_backend("cupy"): new models live on the GPU
             self.to("gpu")
+
+    def _given_params(self, params) -> dict:
+        """``params`` checked against ``param_shapes(config)`` and cast to the model's dtype.
+
+        The random initialisation is skipped: for GPT-2 small it would cost seconds and a GB of
+        float64 only to be thrown away. Arrays already of the model's dtype (and contiguous) are
+        used as they are, not copied: the model then trains them in place.
+        """
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a dict of name -> array, got {type(params).__name__}")
+        expected = param_shapes(self.config)
+        missing = [name for name in expected if name not in params]
+        extra = [name for name in params if name not in expected]
+        if missing or extra:
+            raise ValueError(
+                f"params do not fit the config: missing {_shorten(missing)}, unexpected "
+                f"{_shorten(extra)}"
+            )
+        given = {}
+        for name, shape in expected.items():
+            array = params[name]
+            if tuple(getattr(array, "shape", ())) != shape:
+                got = getattr(array, "shape", type(array).__name__)
+                got = tuple(got) if not isinstance(got, str) else got
+                raise ValueError(f"params[{name!r}] has shape {got}, expected {shape}")
+            xp = get_array_module(array)
+            given[name] = xp.ascontiguousarray(array, dtype=self.dtype)  # (a copy only if needed)
+        return given
 
     # -- bookkeeping ----------------------------------------------------------------------
 
@@ -314,35 +374,61 @@ class GPT:
         xp = get_array_module(self.params["wte.weight"])
         return xp.zeros(C, dtype=self.dtype)
 
-    def _head(self, x, caches):
-        """logits = ln_f(x) @ W_out^T with W_out = wte (tied) or lm_head, both (V, C)."""
+    def _hidden(self, idx, caches, kv_caches=None, pos0=0):
+        """The residual stream after the last block (B, T, C): embeddings, then n_layer blocks.
+
+        The one loop over the blocks, shared by training (caches kept for backward) and
+        generation (kv_caches, one dict per layer, and pos0, the position of idx's first token).
+        """
+        x = self._embed(idx, pos0, caches)
+        for i in range(self.config.n_layer):
+            x = self._block(x, i, caches, kv_caches[i] if kv_caches is not None else None)
+        return x
+
+    def _final_norm(self, x, caches):
+        """features = ln_f(x)   (B, T, C), the states the output layer reads."""
         P, C = self.params, self.config.n_embd
         xf, cache = layers.layernorm_forward(
             x, P["ln_f.weight"], self._bias("ln_f.bias", C), self.config.layer_norm_epsilon
         )
         if caches is not None:
             caches["ln_f"] = cache
+        return xf
+
+    def _head(self, xf, caches):
+        """logits = xf @ W_out^T with W_out = wte (tied) or lm_head, both (V, C)."""
+        P = self.params
         W_out = P["wte.weight"] if self.config.tie_weights else P["lm_head.weight"]  # (V, C)
         logits, cache = layers.linear_forward(xf, W_out.T)  # (B, T, C) @ (C, V) -> (B, T, V)
         if caches is not None:
             caches["lm_head"] = cache
         return logits
 
-    def forward(self, idx, targets=None):
-        """Run the model on idx (B, T); returns (logits (B, T, V), loss or None).
+    def features(self, idx):
+        """The final hidden states ln_f(x) of idx (B, T): (B, T, C), one vector per position.
 
-        The caches for backward() are kept; a later forward replaces them.
+        What the output layer reads, and what a head of your own (a classifier on the last real
+        token, a mean for sentence embeddings) can read instead. The caches are kept, so
+        ``backward_features(dfeatures)`` gives the parameter gradients of any loss of them.
         """
         self._check_idx(idx)
         caches = {}
-        x = self._embed(idx, 0, caches)
-        for i in range(self.config.n_layer):
-            x = self._block(x, i, caches)
-        logits = self._head(x, caches)
+        xf = self._final_norm(self._hidden(idx, caches), caches)
+        self._caches = caches
+        return xf
+
+    def forward(self, idx, targets=None):
+        """Run the model on idx (B, T); returns (logits (B, T, V), loss or None).
+
+        logits = features(idx) @ W_out^T. The caches for backward() are kept; a later forward
+        replaces them.
+        """
+        xf = self.features(idx)  # (B, T, C)
+        caches = self._caches
+        logits = self._head(xf, caches)  # (B, T, V)
         loss = None
         if targets is not None:
             loss, caches["loss"] = layers.cross_entropy_forward(logits, targets)
-        self._caches = caches
         return logits, loss
 
     # -- backward ---------------------------------------------------------------------------
@@ -352,12 +438,41 @@ class GPT:
         caches = self._caches
         if caches is None or "loss" not in caches:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
-        cfg, P = self.config, self.params
-        grads = {}
-
         dlogits = layers.cross_entropy_backward(1.0, caches["loss"])  # (B, T, V)
+        # forward was logits = xf @ W_out^T, so dxf = dlogits @ W_out and dW_out = dlogits^T xf
         dxf, dW_out_T, _ = layers.linear_backward(dlogits, caches["lm_head"])
         dW_out = dW_out_T.T  # (C, V) -> (V, C)
+        grads = self._features_backward(dxf, caches)
+        if self.config.tie_weights:
+            grads["wte.weight"] = grads["wte.weight"] + dW_out  # wte is used twice: grads add
+        else:
+            grads["lm_head.weight"] = dW_out
+        return grads
+
+    def backward_features(self, dfeatures):
+        """The parameter gradients of a loss of the last ``features(idx)`` (or forward), given
+        dfeatures = dloss / dfeatures (B, T, C). A dict with every key of params: the output
+        layer was not used, so wte gets only its embedding gradient and lm_head (untied) zeros.
+        """
+        caches = self._caches
+        if caches is None:
+            raise RuntimeError("backward_features() needs a features(idx) (or forward) first")
+        expected = caches["ln_f"][0].shape  # the (B, T, C) that ln_f normalised
+        if tuple(getattr(dfeatures, "shape", ())) != tuple(expected):
+            got = getattr(dfeatures, "shape", type(dfeatures).__name__)
+            raise ValueError(
+                f"dfeatures must have the features' shape {tuple(expected)}, got {got}"
+            )
+        grads = self._features_backward(dfeatures.astype(self.dtype, copy=False), caches)
+        if not self.config.tie_weights:
+            grads["lm_head.weight"] = self.xp.zeros_like(self.params["lm_head.weight"])
+        return grads
+
+    def _features_backward(self, dxf, caches):
+        """Backward from dfeatures (B, T, C) to every parameter but the output layer's use of
+        its weights; returns a dict in the order of params (without lm_head.weight)."""
+        cfg, P = self.config, self.params
+        grads = {}
         dx, dg, db = layers.layernorm_backward(dxf, caches["ln_f"])
         grads["ln_f.weight"] = dg
         if "ln_f.bias" in P:
@@ -367,16 +482,11 @@ class GPT:
             dx = self._block_backward(dx, i, caches[i], grads)
 
         dx = layers.dropout_backward(dx, caches["drop_emb"])  # (B, T, C)
-        dwte = layers.embedding_backward(dx, caches["wte"])
-        if cfg.tie_weights:
-            dwte = dwte + dW_out  # wte is used twice, so its two gradients add
-        else:
-            grads["lm_head.weight"] = dW_out
-        grads["wte.weight"] = dwte
+        grads["wte.weight"] = layers.embedding_backward(dx, caches["wte"])
         if cfg.positions == "learned":
             # x_pos (T, C) was broadcast over the batch: its gradient sums over B.
             grads["wpe.weight"] = layers.embedding_backward(dx.sum(axis=0), caches["wpe"])
-        return {k: grads[k] for k in P}  # in the order of params, so both dicts read alike
+        return {k: grads[k] for k in P if k in grads}  # in the order of params
 
     def _block_backward(self, dx, i, c, grads):
         """Backward through one block; dx (B, T, C) is the gradient at the block's output.
@@ -433,12 +543,10 @@ class GPT:
         (B, 1, V) are computed: sampling needs no others, and the output layer (C x V, the
         largest matrix of GPT-2) then runs on one row instead of T_new.
         """
-        x = self._embed(idx, pos0, None)
-        for i in range(self.config.n_layer):
-            x = self._block(x, i, None, kv_caches[i] if kv_caches is not None else None)
+        x = self._hidden(idx, None, kv_caches, pos0)  # (B, T_new, C)
         if last_only:
-            x = x[:, -1:, :]  # (B, 1, C)
-        return self._head(x, None)
+            x = x[:, -1:, :]  # (B, 1, C); ln_f and the output layer act on each position alone
+        return self._head(self._final_norm(x, None), None)
 
     def generate(
         self,

@@ -43,9 +43,11 @@ from tinylm.hf.common import (
     read_weights,
     write_pretrained,
 )
-from tinylm.model import GPT, GPTConfig
+from tinylm.model import GPT, GPTConfig, param_shapes
 from tinylm.tokenizer import BPETokenizer
 
+# model.param_shapes(config) names every parameter with its shape; for a GPT-2 config (learned
+# positions, biases) those are exactly the tensors of GPT-2's checkpoints.
 MODEL_TYPES = ("gpt2",)
 PREFIX = "transformer."
 # The activations that are the tanh approximation of GELU, the one tinylm's layers have.
@@ -154,32 +156,6 @@ def config_to_hf(config: GPTConfig, eot_id: int | None = None) -> dict:
 # model.safetensors <-> model.params
 
 
-def param_shapes(config: GPTConfig) -> dict[str, tuple]:
-    """Every parameter of a GPT-2 with this config, tinylm's name -> shape (model.params' order)."""
-    C, V = config.n_embd, config.vocab_size
-    shapes = {"wte.weight": (V, C), "wpe.weight": (config.block_size, C)}
-    for i in range(config.n_layer):
-        h = f"h.{i}."
-        shapes |= {
-            h + "ln_1.weight": (C,),
-            h + "ln_1.bias": (C,),
-            h + "attn.c_attn.weight": (C, 3 * C),  # (in, out): x @ W
-            h + "attn.c_attn.bias": (3 * C,),
-            h + "attn.c_proj.weight": (C, C),
-            h + "attn.c_proj.bias": (C,),
-            h + "ln_2.weight": (C,),
-            h + "ln_2.bias": (C,),
-            h + "mlp.c_fc.weight": (C, 4 * C),
-            h + "mlp.c_fc.bias": (4 * C,),
-            h + "mlp.c_proj.weight": (4 * C, C),
-            h + "mlp.c_proj.bias": (C,),
-        }
-    shapes |= {"ln_f.weight": (C,), "ln_f.bias": (C,)}
-    if not config.tie_weights:
-        shapes["lm_head.weight"] = (V, C)
-    return shapes
-
-
 def params_from_hf(tensors: dict, config: GPTConfig, file=WEIGHTS_NAME) -> dict:
     """tinylm's params from the tensors of a GPT-2 model.safetensors (no copies).
 
@@ -251,18 +227,8 @@ def load_gpt2(path, dtype=None) -> tuple[GPT, BPETokenizer | None]:
             f"{str(path)!r}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
             f"reads only vocab_size={config.vocab_size}"
         )
-    return _model_with_params(config, params, dtype), tokenizer
-
-
-def _model_with_params(config: GPTConfig, params: dict, dtype) -> GPT:
-    """A GPT holding ``params``. GPT(config) would first draw a random initialisation (5 s and
-    1 GB of float64 for GPT-2 small) only to throw it away, so the model is made with a
-    one-number stand-in config and then given the real config and the loaded arrays."""
-    stand_in = GPTConfig(vocab_size=1, block_size=1, n_layer=1, n_head=1, n_embd=1)
-    model = GPT(stand_in, dtype=dtype)
-    model.config = config
-    model.params = {name: np.ascontiguousarray(a, dtype=dtype) for name, a in params.items()}
-    return model
+    # GPT(params=...) skips the random initialisation (seconds and a GB for GPT-2 small).
+    return GPT(config, dtype=dtype, params=params), tokenizer
 
 
 def save_gpt2(model: GPT, path, tokenizer=None) -> Path:
