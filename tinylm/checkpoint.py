@@ -3,9 +3,10 @@
 A checkpoint is a directory, ``RUN_DIR/checkpoint/``, holding everything needed to continue a
 run bit for bit or to sample from the model:
 
-    config.json            format version, step, dtype, model config (GPTConfig), train config,
-                           the tokenizer (its to_dict()), and the loop's own bookkeeping ("extra")
-    model.safetensors      the parameters, GPT-2 names -> arrays (moved to the host)
+    config.json            format version, step, dtype, model type ("gpt" or "bert") and
+                           config (GPTConfig or BertConfig), train config, the tokenizer, and the
+                           loop's own bookkeeping ("extra")
+    model.safetensors      the parameters, GPT-2's (or BERT's) names -> arrays (on the host)
     optimizer.safetensors  the optimizer's per-parameter arrays, as "<buffer>.<param name>"
                            (AdamW: "m.wte.weight", "v.wte.weight", ...)
     optimizer.json         the optimizer's scalars (lr, betas, eps, weight decay, step t, ...)
@@ -28,7 +29,12 @@ the next save). Between steps 2 and 3 no ``checkpoint/`` exists, but the old one
 place. So at every instant a complete checkpoint exists.
 
 ``load_checkpoint`` checks every file (present, parseable, the right version, names and shapes
-that agree with the config) and raises ValueError naming the file and what is wrong.
+that agree with the config) and raises ValueError naming the file and what is wrong. The shapes
+a config implies are computed, not allocated, so a config with an absurd size is refused without
+building anything.
+
+A GPT run's tokenizer is a CharTokenizer or BPETokenizer (their to_dict()); a BERT pretraining
+run's is a WordPieceTokenizer, stored as {"type": "wordpiece", "vocab": [...], options}.
 """
 
 from __future__ import annotations
@@ -45,9 +51,13 @@ import numpy as np
 import safetensors.numpy
 
 from tinylm.backend import to_numpy
+from tinylm.bert import Bert, BertConfig
+from tinylm.bert import param_shapes as bert_param_shapes
 from tinylm.files import fsync_dir, read_json_object
-from tinylm.model import GPT, GPTConfig, init_params
+from tinylm.model import GPT, GPTConfig
+from tinylm.model import param_shapes as gpt_param_shapes
 from tinylm.tokenizer import tokenizer_from_dict
+from tinylm.wordpiece import WordPieceTokenizer
 
 FORMAT = "tinylm-checkpoint"
 FORMAT_VERSION = 1
@@ -70,18 +80,25 @@ class Checkpoint:
 
     path: Path  # the checkpoint directory
     step: int  # optimizer steps done
-    model_config: GPTConfig
+    model_config: GPTConfig | BertConfig
     dtype: np.dtype  # of every parameter (float32 or float64)
-    train_config: dict  # the settings of the run (a TrainConfig as a dict; checked by training.py)
-    tokenizer: object  # CharTokenizer or BPETokenizer
+    train_config: dict  # the settings of the run (a TrainConfig or PretrainConfig as a dict)
+    tokenizer: object  # CharTokenizer or BPETokenizer (GPT); WordPieceTokenizer (BERT)
     params: dict[str, np.ndarray]
     optimizer_state: dict  # in the form of AdamW.state_dict()
     rng_state: dict  # {"batch": bit_generator.state, "dropout": bit_generator.state}
     extra: dict = field(default_factory=dict)  # the training loop's bookkeeping
 
-    def build_model(self, device: str = "cpu") -> GPT:
-        """A GPT with these parameters and dropout stream, on "cpu" or "gpu"."""
-        model = GPT(self.model_config, dtype=self.dtype)
+    @property
+    def model_type(self) -> str:
+        """"gpt" or "bert"."""
+        return "bert" if isinstance(self.model_config, BertConfig) else "gpt"
+
+    def build_model(self, device: str = "cpu") -> GPT | Bert:
+        """A GPT (or a Bert, for a pretraining run) with these parameters and dropout stream, on
+        "cpu" or "gpu"."""
+        cls = Bert if self.model_type == "bert" else GPT
+        model = cls(self.model_config, dtype=self.dtype)
         model.params = {name: a.copy() for name, a in self.params.items()}
         model.dropout_rng = make_rng(self.rng_state["dropout"])
         return model.to(device)
@@ -131,9 +148,10 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "step": int(step),
         "dtype": np.dtype(model.dtype).name,
+        "model_type": "bert" if isinstance(model.config, BertConfig) else "gpt",
         "model_config": model.config.to_dict(),
         "train_config": train_config or {},
-        "tokenizer": tokenizer.to_dict(),
+        "tokenizer": tokenizer_to_dict(tokenizer),
         "extra": extra or {},
     }
     params = {name: np.ascontiguousarray(to_numpy(a)) for name, a in model.params.items()}
@@ -168,6 +186,38 @@ def save_checkpoint(
     fsync_dir(parent)
     _remove_stale(path)  # the old one, and any a crash between steps 2 and 3 left behind
     return path
+
+
+def tokenizer_to_dict(tokenizer) -> dict:
+    """A tokenizer as the JSON-able dict a checkpoint stores."""
+    if isinstance(tokenizer, WordPieceTokenizer):
+        return {
+            "type": "wordpiece",
+            "version": 1,
+            "vocab": list(tokenizer.vocab),
+            "do_lower_case": tokenizer.do_lower_case,
+            "strip_accents": tokenizer.strip_accents,
+            "tokenize_chinese_chars": tokenizer.tokenize_chinese_chars,
+            "unk_token": tokenizer.unk_token,
+            "sep_token": tokenizer.sep_token,
+            "pad_token": tokenizer.pad_token,
+            "cls_token": tokenizer.cls_token,
+            "mask_token": tokenizer.mask_token,
+        }
+    return tokenizer.to_dict()
+
+
+def tokenizer_from_checkpoint_dict(d):
+    """The tokenizer a checkpoint's dict describes (tokenizer_to_dict's inverse)."""
+    if not (isinstance(d, dict) and d.get("type") == "wordpiece"):
+        return tokenizer_from_dict(d)
+    if d.get("version") != 1:
+        raise ValueError(f"wordpiece tokenizer version {d.get('version')!r}; this tinylm reads 1")
+    vocab = d.get("vocab")
+    if not (isinstance(vocab, list) and all(isinstance(t, str) for t in vocab)):
+        raise ValueError('"vocab" must be a list of strings')
+    options = {k: v for k, v in d.items() if k not in ("type", "version", "vocab")}
+    return WordPieceTokenizer(vocab, **options)
 
 
 def _leftovers(path: Path, kind: str) -> list[Path]:
@@ -320,22 +370,31 @@ def load_checkpoint(path) -> Checkpoint:
     if config["dtype"] not in ("float32", "float64"):
         raise ValueError(f"{cfg_file}: dtype must be float32 or float64, got {config['dtype']!r}")
     dtype = np.dtype(config["dtype"])
+    model_type = config.get("model_type", "gpt")  # version 1 checkpoints before BERT: a GPT
+    if model_type not in ("gpt", "bert"):
+        raise ValueError(f'{cfg_file}: model_type must be "gpt" or "bert", got {model_type!r}')
+    config_cls, param_shapes = (
+        (BertConfig, bert_param_shapes) if model_type == "bert" else (GPTConfig, gpt_param_shapes)
+    )
     try:
-        model_config = GPTConfig(**config["model_config"])
+        model_config = config_cls(**config["model_config"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{cfg_file}: bad model_config: {err}") from err
     try:
-        tokenizer = tokenizer_from_dict(config["tokenizer"])
+        tokenizer = tokenizer_from_checkpoint_dict(config["tokenizer"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{cfg_file}: bad tokenizer: {err}") from err
-    if tokenizer.vocab_size != model_config.vocab_size:
+    # A model may have more embedding rows than its tokenizer has ids (a pretrained GPT-2's
+    # vocabulary padded to a round number), never fewer.
+    if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(
             f"{cfg_file}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {model_config.vocab_size}"
+            f"vocab_size is only {model_config.vocab_size}"
         )
 
-    # model.safetensors: exactly the parameters a model of this config has.
-    expected = {name: a.shape for name, a in init_params(model_config).items()}
+    # model.safetensors: exactly the parameters a model of this config has (shapes computed
+    # from the config, nothing allocated).
+    expected = param_shapes(model_config)
     params = _read_safetensors(ckpt / "model.safetensors")
     _check_tensors(ckpt / "model.safetensors", params, expected, dtype)
 

@@ -1,23 +1,28 @@
-"""Training a GPT: the settings, the loop, and what a run leaves on disk.
+"""Training: the settings of a GPT run, and the one loop that every tinylm training run shares.
 
     import tinylm
     result = tinylm.train(steps=500, n_layer=2, out="runs/small")  # or train(TrainConfig(...))
     result.val_loss, result.model, result.tokenizer
+    tinylm.train(init_from="gpt2/", text="my.txt", lr=1e-4)  # fine-tune a pretrained GPT-2
 
-One step of the loop reads like nanoGPT's:
+One step of the loop reads like nanoGPT's (_Loop._step):
 
     lr = lr_schedule(step, ...)                # linear warmup, then cosine decay to min_lr
-    x, y = get_batch(train_data, T, B, rng)    # B random windows of T tokens; y is x shifted by one
-    _, loss = model.forward(x, y)
+    batch = task.get_batch(rng)                # GPT: B random windows of T tokens, y = x shifted
+    loss = task.loss(model, batch)             # the forward pass; the model keeps its caches
     grads = model.backward()
     clip_grad_norm(grads, grad_clip)           # the global gradient norm is at most grad_clip
     optimizer.step(grads, lr=lr)               # AdamW, parameters updated in place
 
+The loop does not know what it trains: a *task* supplies the batches, the loss and the
+evaluation. LanguageModelTask (here) is GPT's next-token prediction; tinylm/pretraining.py's
+PretrainingTask is BERT's masked-LM + next-sentence prediction. Both get every feature below.
+
 Every log_interval steps the mean training loss is read back (on a GPU the only other sync is the
 clipping norm), the progress bar updated and a record appended to RUN_DIR/metrics.jsonl. Every
-eval_interval steps and at the end, the loss on the WHOLE validation split is computed (dropout
-off), a line printed, the loss curve redrawn (loss.png), a sample appended to samples.txt and the
-checkpoint rewritten (RUN_DIR/checkpoint/, see checkpoint.py).
+eval_interval steps and at the end, the task evaluates on its validation data (GPT: the loss on
+the WHOLE validation split, dropout off), a line is printed, the loss curve redrawn (loss.png), a
+sample appended to samples.txt and the checkpoint rewritten (RUN_DIR/checkpoint/, checkpoint.py).
 
 A run resumed from its checkpoint continues bit for bit on the CPU: the checkpoint holds the
 parameters, AdamW's moments and step count, and the states of the two random streams (the batch
@@ -27,9 +32,18 @@ and parameters as 2N steps in one go; so does a run of N steps extended with --s
 runs were given the same schedule (--lr-decay-steps 2N). Without it, a resumed run keeps the
 schedule it was trained on: the cosine of the first N steps, then min_lr.
 
-Ctrl-C saves the checkpoint of the last finished step and raises TrainingInterrupted (a
-KeyboardInterrupt) saying how to resume. A Ctrl-C that arrives while the optimizer is changing the
-parameters waits until the update is complete, so the saved state is never half a step.
+Ctrl-C (or SIGTERM) saves the checkpoint of the last finished step and raises TrainingInterrupted
+(a KeyboardInterrupt) saying how to resume. A Ctrl-C that arrives while the optimizer is changing
+the parameters waits until the update is complete, so the saved state is never half a step. The
+checkpoint also holds the losses of the steps since the last record and whether that step's
+record was still to be written, and the length of samples.txt: so metrics.jsonl and samples.txt
+of a run stopped and resumed, however often, equal those of a run that was never stopped (apart
+from the timing fields tokens_per_s and elapsed).
+
+Process-wide state: train() sets the array backend for the run and restores it afterwards. On
+the CPU it also raises glibc's malloc thresholds (backend.keep_freed_memory) for the rest of the
+process; this changes speed only, never a result, and glibc offers no way to read the old values
+back.
 """
 
 from __future__ import annotations
@@ -45,19 +59,21 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from tinylm import checkpoint as ckpt_io
 from tinylm import data as data_io
 from tinylm.backend import (
-    get_array_module,
     get_backend,
     keep_freed_memory,
     set_backend,
     to_numpy,
 )
+from tinylm.files import write_atomic
 from tinylm.model import GPT, GPTConfig
+from tinylm.model import param_shapes as gpt_param_shapes
 from tinylm.optim import AdamW, clip_grad_norm, lr_schedule
 from tinylm.tokenizer import BPETokenizer, CharTokenizer
 
@@ -78,7 +94,19 @@ class TrainConfig:
     "pydoc" corpus in about two minutes on two CPU cores.
 
     The `tinylm train` flags have the same names with dashes (--n-layer for n_layer).
+
+    init_from starts from a pretrained GPT instead of a random one: a Hugging Face GPT-2
+    directory (config.json, model.safetensors, vocab.json, merges.txt) or a tinylm run directory
+    (its weights only; the optimizer starts afresh at step 0). The model's shape and tokenizer
+    then come from there, so giving n_layer, n_head, n_embd, positions, bias, tie_weights,
+    tokenizer or vocab_size as well is an error. block_size stays the training window (64 by
+    default, at most the model's n_positions): on two CPU cores a step of GPT-2 small takes
+    seconds at 64 tokens and about 16 times as long at 1024. Fine-tuning usually wants a smaller
+    lr than training from scratch (e.g. 1e-4).
     """
+
+    model_type: ClassVar[str] = "gpt"  # the model a checkpoint of this kind of run holds
+    command: ClassVar[str] = "tinylm train"
 
     # data
     corpus: str = "pydoc"  # built-in corpus, "pydoc" or "stdlib"; unused when text is given
@@ -116,6 +144,7 @@ class TrainConfig:
     # the run
     seed: int = 1337  # model initialisation, batches, dropout masks, samples
     device: str = "cpu"  # "cpu" (NumPy) or "gpu" (CuPy)
+    init_from: str | None = None  # a GPT-2 directory or a run directory to fine-tune from
     out: str | None = None  # the run directory; None writes nothing
     resume: str | None = None  # a run directory to continue from its checkpoint
     overwrite: bool = False  # replace a run directory that already holds a run
@@ -167,7 +196,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise ValueError(f"progress must be true, false or null, got {self.progress!r}")
-        for name in ("text", "out", "resume"):
+        for name in ("text", "init_from", "out", "resume"):
             value = getattr(self, name)
             if value is not None:
                 if not isinstance(value, (str, Path)) or not str(value):
@@ -216,7 +245,13 @@ SETTINGS = tuple(f.name for f in fields(TrainConfig))
 FIXED_ON_RESUME = (
     "corpus", "text", "tokenizer", "vocab_size", "val_fraction",
     "n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "positions", "tie_weights",
-    "dtype", "weight_decay", "beta1", "beta2", "eps", "seed",
+    "dtype", "weight_decay", "beta1", "beta2", "eps", "seed", "init_from",
+)  # fmt: skip
+TrainConfig.fixed_on_resume = FIXED_ON_RESUME
+
+# The model's shape and tokenizer: with init_from they come from the pretrained model.
+MODEL_SETTINGS = (
+    "n_layer", "n_head", "n_embd", "positions", "bias", "tie_weights", "tokenizer", "vocab_size",
 )  # fmt: skip
 
 
@@ -255,13 +290,14 @@ def _check_float(name, value, low, high=None, low_open=False):
 class TrainResult:
     """What train() returns."""
 
-    model: GPT
-    tokenizer: object  # CharTokenizer or BPETokenizer
-    config: TrainConfig
+    model: object  # GPT (or, for pretraining.pretrain, Bert)
+    tokenizer: object  # CharTokenizer, BPETokenizer (or WordPieceTokenizer)
+    config: object  # TrainConfig (or PretrainConfig)
     step: int  # steps done in total (including those before a resume)
     losses: list[float]  # the training loss of every step this call ran, in order
-    val_loss: float  # on the whole validation split, after the last step
+    val_loss: float  # on the validation data, after the last step
     history: list[dict] = field(default_factory=list)  # the metrics records of this call
+    metrics: dict = field(default_factory=dict)  # the last evaluation's figures (val_loss, ...)
     train_seconds: float = 0.0  # wall time of the training steps alone (no evaluation, no I/O)
     eval_seconds: float = 0.0  # wall time of the validation losses
     elapsed: float = 0.0  # wall time of this call
@@ -315,6 +351,14 @@ class _DeferInterrupts:
         else:
             raise KeyboardInterrupt
 
+    @contextmanager
+    def held(self):
+        """Hold a stop signal that arrives inside the block until the caller checks
+        ``pending``. An exception inside leaves ``updating`` set: the update did not finish."""
+        self.updating = True
+        yield
+        self.updating = False
+
 
 @contextmanager
 def run_directory_lock(run_dir: Path | None):
@@ -361,7 +405,47 @@ def run_directory_lock(run_dir: Path | None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation and samples
+# The language-model task: what the loop trains a GPT on
+
+
+class LanguageModelTask:
+    """GPT's next-token prediction over one long array of token ids. The loop asks a task for:
+
+        batch = task.get_batch(rng)        # the inputs of one training step
+        loss = task.loss(model, batch)     # its forward pass (model.backward() follows)
+        metrics = task.evaluate(model)     # {"val_loss": ...}, dropout off
+        text = task.sample(model, step)    # a sample for samples.txt, or None
+
+    tokens_per_step (B * T) counts the throughput, and metric_names lists the evaluation's
+    fields in the order metrics.jsonl writes them (each None in the records between
+    evaluations). pretraining.PretrainingTask answers the same questions for a BERT.
+    """
+
+    metric_names = ("val_loss",)
+
+    def __init__(self, train_data, val_data, tokenizer, cfg: TrainConfig):
+        self.train_data, self.val_data, self.tokenizer = train_data, val_data, tokenizer
+        self.T, self.B = cfg.block_size, cfg.batch_size
+        self.eval_batch_size, self.sample_tokens, self.seed = (
+            cfg.eval_batch_size, cfg.sample_tokens, cfg.seed
+        )
+        self.tokens_per_step = self.B * self.T
+
+    def get_batch(self, rng):
+        return data_io.get_batch(self.train_data, self.T, self.B, rng)  # x, y: (B, T)
+
+    def loss(self, model, batch):
+        x, y = batch
+        _, loss = model.forward(x, y)
+        return loss
+
+    def evaluate(self, model) -> dict:
+        return {"val_loss": evaluate(model, self.val_data, self.T, self.eval_batch_size)}
+
+    def sample(self, model, step: int) -> str | None:
+        if self.sample_tokens == 0:
+            return None
+        return sample_text(model, self.tokenizer, self.sample_tokens, seed=self.seed + step)
 
 
 def evaluate(model: GPT, data, block_size: int, batch_size: int = 64) -> float:
@@ -392,7 +476,7 @@ def sample_text(model: GPT, tokenizer, max_new_tokens: int, seed: int, prompt: s
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# train(): a GPT from scratch, or fine-tuned from a pretrained one
 
 
 def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
@@ -402,80 +486,109 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     With ``resume=RUN_DIR`` the run continues from RUN_DIR's checkpoint, in RUN_DIR: its saved
     settings are the starting point and ``overrides`` may change those that only steer the loop
     (``steps`` extends the run); one that disagrees with the checkpoint's model, data or optimizer
-    is a ValueError naming it.
+    is a ValueError naming it. With ``init_from=PATH`` the model starts from a pretrained GPT
+    (see TrainConfig).
 
     Raises ValueError (bad settings, text, run directory), FileNotFoundError, RuntimeError (the GPU
     is missing), TrainingInterrupted (Ctrl-C; the checkpoint was saved first).
     """
     t_call = time.perf_counter()
-    cfg, ckpt = _resolve_config(config, overrides)
-    run_dir = None if cfg.out is None else Path(cfg.out)
-    if run_dir is not None:  # checked before the lock creates anything
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ValueError(f"out {cfg.out!r} is a file, not a directory")
-        resolved = run_dir.resolve()
-        inside = [p for p in (resolved, *resolved.parents) if ckpt_io.is_tinylm_checkpoint(p)]
-        if inside:
+    cfg, ckpt = resolve_config(TrainConfig, config, overrides)
+    if ckpt is None and cfg.init_from is not None:
+        given = set(overrides)
+        if config is not None:  # a TrainConfig: the settings it changed from the defaults
+            given |= {n for n in MODEL_SETTINGS if getattr(config, n) != getattr(TrainConfig, n)}
+        clash = [n for n in MODEL_SETTINGS if n in given]
+        if clash:
             raise ValueError(
-                f"out {cfg.out!r} is inside the checkpoint {str(inside[0])!r} of another run; "
-                "choose a directory of its own"
+                f"{', '.join(clash)} cannot be set with init_from: the model and its tokenizer "
+                f"come from {cfg.init_from}"
             )
-    with run_directory_lock(run_dir):  # one writer per run directory
-        return _train_locked(cfg, ckpt, t_call)
+    return run_training(cfg, ckpt, _setup_language_model, t_call)
 
 
-def _train_locked(cfg: TrainConfig, ckpt, t_call: float) -> TrainResult:
-    """train() once the run directory is locked: check it, set up, run the loop."""
-    run_dir = _check_run_dir(cfg, ckpt)  # nothing is written before the data is known to be good
-
-    old_backend = get_backend()
-    if cfg.device == "gpu":
-        set_backend("gpu")  # RuntimeError with the install hint when CuPy or the GPU is missing
-    else:
-        keep_freed_memory()  # a step's many temporaries reuse freed memory; speed only
-    try:
-        text = data_io.load_text(cfg.text) if cfg.text else data_io.load_corpus(cfg.corpus)
-        if cfg.text is not None:
-            cfg.text = str(Path(cfg.text).resolve())  # saved so, a resume works from anywhere
-        text_sha256 = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
-        if ckpt is not None and ckpt.extra.get("text_sha256") not in (None, text_sha256):
-            raise ValueError(
-                f"the training text has changed since the checkpoint in {run_dir} was written; "
-                "a resumed run needs the same text"
-            )
-        tokenizer = ckpt.tokenizer if ckpt is not None else make_tokenizer(cfg, text)
-        train_ids, val_ids = split_tokens(cfg, tokenizer, text)
-
-        if ckpt is not None:
-            model = ckpt.build_model(cfg.device)
-            batch_rng = ckpt.batch_rng()
-        else:
-            model = GPT(cfg.model_config(tokenizer.vocab_size), seed=cfg.seed, dtype=cfg.dtype)
-            model.to(cfg.device)
-            # The batch sampler's own stream; a seed list is hashed into a stream apart from the
-            # model's initialisation (seed) and its dropout masks (seed + 1).
-            batch_rng = np.random.default_rng([cfg.seed, 1])
-        optimizer = AdamW(
-            model.params,
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
+def _setup_language_model(cfg: TrainConfig, ckpt):
+    """The text, tokenizer, model and task of a GPT run (new, fine-tuned or resumed)."""
+    text = data_io.load_text(cfg.text) if cfg.text else data_io.load_corpus(cfg.corpus)
+    if cfg.text is not None:
+        cfg.text = str(Path(cfg.text).resolve())  # saved so, a resume works from anywhere
+    text_sha256 = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+    if ckpt is not None and ckpt.extra.get("text_sha256") not in (None, text_sha256):
+        raise ValueError(
+            f"the training text has changed since the checkpoint in {cfg.out} was written; "
+            "a resumed run needs the same text"
         )
-        if ckpt is not None:
-            optimizer.load_state_dict(ckpt.optimizer_state)
-        xp = model.xp
-        train_data, val_data = xp.asarray(train_ids), xp.asarray(val_ids)  # to the device, once
+    if ckpt is not None:
+        model, tokenizer = ckpt.build_model(cfg.device), ckpt.tokenizer
+    elif cfg.init_from is not None:
+        model, tokenizer = load_pretrained_gpt(cfg)
+        model.to(cfg.device)
+    else:
+        tokenizer = make_tokenizer(cfg, text)
+        model_config = cfg.model_config(tokenizer.vocab_size)
+        check_memory(gpt_param_shapes(model_config), cfg.dtype)
+        model = GPT(model_config, seed=cfg.seed, dtype=cfg.dtype)
+        model.to(cfg.device)
+    train_ids, val_ids = split_tokens(cfg, tokenizer, text)
+    xp = model.xp
+    train_data, val_data = xp.asarray(train_ids), xp.asarray(val_ids)  # to the device, once
+    task = LanguageModelTask(train_data, val_data, tokenizer, cfg)
 
-        loop = _Loop(cfg, run_dir, model, tokenizer, optimizer, batch_rng, ckpt)
-        loop.extra = {"text_sha256": text_sha256}
-        if cfg.verbose:
-            _print_header(cfg, model, tokenizer, len(train_ids), len(val_ids), run_dir, ckpt)
-        result = loop.run(train_data, val_data)
-    finally:
-        set_backend(old_backend)
-    result.elapsed = time.perf_counter() - t_call
-    return result
+    c = model.config
+    source = cfg.text if cfg.text else f"corpus {cfg.corpus}"
+    start = f", from {cfg.init_from}" if cfg.init_from else ""
+    header = (
+        f"tinylm train: {model.num_params() / 1e6:.2f}M parameters ({c.n_layer} layers x "
+        f"{c.n_head} heads x {c.n_embd}, block {cfg.block_size}, vocab {c.vocab_size} "
+        f"{cfg.tokenizer}{start}), {source}: {len(train_ids):,} training / {len(val_ids):,} "
+        "validation tokens"
+    )
+    return model, tokenizer, task, {"text_sha256": text_sha256}, header
+
+
+def load_pretrained_gpt(cfg: TrainConfig):
+    """The GPT and tokenizer that ``cfg.init_from`` names: a Hugging Face GPT-2 directory or a
+    tinylm run directory (weights only). The model-shape settings of ``cfg`` are set to the
+    model's, so the run's saved settings describe the model it trains."""
+    from tinylm.hf.gpt2 import load_gpt2
+
+    path = Path(cfg.init_from)
+    if not path.is_dir():
+        raise ValueError(
+            f"init_from {cfg.init_from!r} is not a directory; expected a Hugging Face GPT-2 "
+            "directory or a tinylm run directory"
+        )
+    if ckpt_io.is_tinylm_checkpoint(path) or ckpt_io.has_checkpoint(path):
+        source = ckpt_io.load_checkpoint(path)
+        if source.model_type != "gpt":
+            raise ValueError(
+                f"init_from {cfg.init_from!r} holds a {source.model_type} model; "
+                f"{TrainConfig.command} fine-tunes a GPT"
+            )
+        model, tokenizer = source.build_model(), source.tokenizer
+        if model.dtype != np.dtype(cfg.dtype):
+            model.params = {k: a.astype(cfg.dtype) for k, a in model.params.items()}
+            model.dtype = np.dtype(cfg.dtype)
+    else:
+        model, tokenizer = load_gpt2(path, dtype=cfg.dtype)
+        if tokenizer is None:
+            raise ValueError(
+                f"init_from {cfg.init_from!r} has no tokenizer (vocab.json and merges.txt); "
+                "tinylm needs GPT-2's tokenizer files next to the weights"
+            )
+    c = model.config
+    if cfg.block_size > c.block_size:
+        raise ValueError(
+            f"block_size {cfg.block_size} is longer than the {c.block_size} positions of the "
+            f"model in {cfg.init_from}"
+        )
+    c.dropout = cfg.dropout  # dropout is the run's choice, not the model's
+    model.dropout_rng = np.random.default_rng(cfg.seed + 1)  # as GPT(seed=cfg.seed) makes it
+    cfg.n_layer, cfg.n_head, cfg.n_embd = c.n_layer, c.n_head, c.n_embd
+    cfg.positions, cfg.bias, cfg.tie_weights = c.positions, c.bias, c.tie_weights
+    cfg.tokenizer = "char" if isinstance(tokenizer, CharTokenizer) else "bpe"
+    cfg.vocab_size = tokenizer.vocab_size if cfg.tokenizer == "bpe" else cfg.vocab_size
+    return model, tokenizer
 
 
 def make_tokenizer(cfg: TrainConfig, text: str):
@@ -499,17 +612,41 @@ def split_tokens(cfg: TrainConfig, tokenizer, text: str) -> tuple[np.ndarray, np
     return data_io.split_train_val(ids, cfg.val_fraction)
 
 
-def _resolve_config(config, overrides) -> tuple[TrainConfig, ckpt_io.Checkpoint | None]:
-    """The effective settings, and the checkpoint when resuming."""
-    unknown = sorted(set(overrides) - set(SETTINGS))
+def check_memory(shapes: dict[str, tuple], dtype) -> None:
+    """Refuse a model whose training state cannot fit in this machine's memory, from the shapes
+    alone (nothing is allocated): parameters, gradients and AdamW's two moments in ``dtype``,
+    plus the float64 draw of the initialisation."""
+    n = sum(math.prod(shape) for shape in shapes.values())
+    need = n * (4 * np.dtype(dtype).itemsize + 8)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no check
+        return
+    if need > have:
+        raise ValueError(
+            f"the model would have {n:,} parameters, which need {need / 2**30:,.1f} GiB to train "
+            f"(weights, gradients, AdamW's moments), more than this machine's "
+            f"{have / 2**30:,.1f} GiB; choose a smaller n_layer, n_embd, block_size or vocab_size"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# What every run shares: its settings on resume, its directory, and the loop
+
+
+def resolve_config(cls, config, overrides):
+    """The effective settings (a ``cls``: TrainConfig or PretrainConfig), and the checkpoint
+    when resuming."""
+    settings = tuple(f.name for f in fields(cls))
+    unknown = sorted(set(overrides) - set(settings))
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
     resume = overrides.get("resume", config.resume if config is not None else None)
     if not resume:
-        return replace(config or TrainConfig(), **overrides), None
+        return replace(config or cls(), **overrides), None
     if config is not None:
         raise ValueError(
-            "to resume a run, give its changed settings as keyword overrides, not a TrainConfig"
+            f"to resume a run, give its changed settings as keyword overrides, not a {cls.__name__}"
         )
 
     try:
@@ -522,9 +659,15 @@ def _resolve_config(config, overrides) -> tuple[TrainConfig, ckpt_io.Checkpoint 
             ) from err
         raise
     resume = str(ckpt.path.parent)  # the run directory, also when given its checkpoint/
+    if ckpt.model_type != cls.model_type:
+        other = "tinylm pretrain" if ckpt.model_type == "bert" else "tinylm train"
+        raise ValueError(
+            f"the run in {resume} trains a {ckpt.model_type} model; continue it with "
+            f"{other} --resume {resume}"
+        )
     cfg_file = ckpt.path / "config.json"
-    saved = TrainConfig.from_dict(ckpt.train_config, source=f"{cfg_file}: train_config")
-    for name in FIXED_ON_RESUME:
+    saved = cls.from_dict(ckpt.train_config, source=f"{cfg_file}: train_config")
+    for name in cls.fixed_on_resume:
         if name in overrides and not _same_setting(name, overrides[name], getattr(saved, name)):
             raise ValueError(
                 f"{name}={overrides[name]!r} disagrees with the checkpoint in {resume} "
@@ -541,7 +684,7 @@ def _resolve_config(config, overrides) -> tuple[TrainConfig, ckpt_io.Checkpoint 
             f"a resumed run continues in its own directory {resume}; leave out out={out!r}"
         )
     # How this invocation prints (verbose, progress) is its own choice, not the saved run's.
-    per_invocation = {"verbose": TrainConfig.verbose, "progress": TrainConfig.progress}
+    per_invocation = {"verbose": cls.verbose, "progress": cls.progress}
     settings = {
         **per_invocation,
         **overrides,
@@ -562,14 +705,71 @@ def _resolve_config(config, overrides) -> tuple[TrainConfig, ckpt_io.Checkpoint 
 
 
 def _same_setting(name, a, b) -> bool:
-    if name == "text" and a is not None and b is not None:
+    if name in ("text", "init_from") and a is not None and b is not None:
         return Path(a).resolve() == Path(b).resolve()
     if isinstance(b, float) and isinstance(a, (int, float)) and not isinstance(a, bool):
         return float(a) == b
     return a == b
 
 
-def _check_run_dir(cfg: TrainConfig, ckpt) -> Path | None:
+def run_training(cfg, ckpt, setup, t_call: float | None = None) -> TrainResult:
+    """Run the loop for ``cfg`` (resolved by resolve_config) in its locked run directory.
+
+    ``setup(cfg, ckpt)`` returns (model, tokenizer, task, extra, header): the model and data of
+    the run, ``extra`` for the checkpoint, and the first line it prints. train() and
+    pretraining.pretrain() differ only in their setup.
+    """
+    t_call = time.perf_counter() if t_call is None else t_call
+    run_dir = None if cfg.out is None else Path(cfg.out)
+    if run_dir is not None:  # checked before the lock creates anything
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"out {cfg.out!r} is a file, not a directory")
+        resolved = run_dir.resolve()
+        inside = [p for p in (resolved, *resolved.parents) if ckpt_io.is_tinylm_checkpoint(p)]
+        if inside:
+            raise ValueError(
+                f"out {cfg.out!r} is inside the checkpoint {str(inside[0])!r} of another run; "
+                "choose a directory of its own"
+            )
+    with run_directory_lock(run_dir):  # one writer per run directory
+        run_dir = _check_run_dir(cfg, ckpt)  # nothing is written before the data is known good
+        old_backend = get_backend()
+        if cfg.device == "gpu":
+            set_backend("gpu")  # RuntimeError with the install hint when CuPy or the GPU is missing
+        else:
+            keep_freed_memory()  # a step's many temporaries reuse freed memory; speed only
+        try:
+            model, tokenizer, task, extra, header = setup(cfg, ckpt)
+            optimizer = AdamW(
+                model.params,
+                lr=cfg.lr,
+                betas=(cfg.beta1, cfg.beta2),
+                eps=cfg.eps,
+                weight_decay=cfg.weight_decay,
+            )
+            if ckpt is not None:
+                optimizer.load_state_dict(ckpt.optimizer_state)
+                batch_rng = ckpt.batch_rng()
+            else:
+                # The batch sampler's own stream; a seed list is hashed into a stream apart from
+                # the model's initialisation (seed) and its dropout masks (seed + 1).
+                batch_rng = np.random.default_rng([cfg.seed, 1])
+            loop = _Loop(cfg, run_dir, model, tokenizer, task, optimizer, batch_rng, ckpt)
+            loop.extra = extra
+            if cfg.verbose:
+                where = f" -> {run_dir}" if run_dir is not None else ""
+                print(f"{header}, {cfg.device} {cfg.dtype}{where}")
+                if ckpt is not None:
+                    print(f"resuming at step {ckpt.step} of {cfg.steps}")
+                sys.stdout.flush()
+            result = loop.run()
+        finally:
+            set_backend(old_backend)
+    result.elapsed = time.perf_counter() - t_call
+    return result
+
+
+def _check_run_dir(cfg, ckpt) -> Path | None:
     """The run directory; refuse one that holds another run unless overwrite is set."""
     if cfg.out is None:
         return None
@@ -591,37 +791,183 @@ def _check_run_dir(cfg: TrainConfig, ckpt) -> Path | None:
     return run_dir
 
 
-def _print_header(cfg, model, tokenizer, n_train, n_val, run_dir, ckpt):
-    c = model.config
-    where = f" -> {run_dir}" if run_dir is not None else ""
-    source = cfg.text if cfg.text else f"corpus {cfg.corpus}"
-    print(
-        f"tinylm train: {model.num_params() / 1e6:.2f}M parameters ({c.n_layer} layers x "
-        f"{c.n_head} heads x {c.n_embd}, block {c.block_size}, vocab {c.vocab_size} "
-        f"{cfg.tokenizer}), {source}: {n_train:,} training / {n_val:,} validation tokens, "
-        f"{cfg.device} {cfg.dtype}{where}"
-    )
-    if ckpt is not None:
-        print(f"resuming at step {ckpt.step} of {cfg.steps}")
-    sys.stdout.flush()
-
-
 class _Loop:
-    """The training loop and its bookkeeping (records, files, timing), kept apart from the setup."""
+    """The training loop: one optimizer step after another (_step), a record every log_interval
+    steps and an evaluation every eval_interval steps (_log), a clean stop on Ctrl-C or SIGTERM
+    (_stop). The task supplies the batches, the loss and the evaluation."""
 
-    def __init__(self, cfg, run_dir, model, tokenizer, optimizer, batch_rng, ckpt):
+    def __init__(self, cfg, run_dir, model, tokenizer, task, optimizer, batch_rng, ckpt):
         self.cfg, self.run_dir, self.model, self.tokenizer = cfg, run_dir, model, tokenizer
-        self.optimizer, self.batch_rng = optimizer, batch_rng
+        self.task, self.optimizer, self.batch_rng = task, optimizer, batch_rng
+        self.decay_steps = cfg.lr_decay_steps or cfg.steps
+        self.warmup = min(cfg.warmup_steps, self.decay_steps)
+        state = ckpt.extra if ckpt is not None else {}
         self.step = ckpt.step if ckpt is not None else 0
         self.saved_step = ckpt.step if ckpt is not None else None  # of the last checkpoint
-        self.elapsed0 = float(ckpt.extra.get("elapsed", 0.0)) if ckpt is not None else 0.0
+        # The step whose record is written; a run stopped in the middle of writing it (or just
+        # before) finishes that record first when it is resumed.
+        self.logged_step = None if state.get("log_due") else self.step
+        self.elapsed0 = float(state.get("elapsed", 0.0))
         self.extra = {}
-        self.history_before = self._prepare_files(ckpt)
+        self.history = []  # the records this call writes
+        self.losses = []  # the training losses of this call's steps, as floats
+        self.pending = []  # the losses since the last record, still on the device
+        self.carried = [float(v) for v in state.get("pending_losses", [])]  # from before a stop
+        self.mark = None  # what _log started from, to go back to if it is interrupted
+        self.metrics = {}  # of the last evaluation
+        self.interval_time = self.train_seconds = self.eval_seconds = 0.0
+        self.guard = _DeferInterrupts()
+        self.history_before = self._prepare_files(ckpt, state)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        from tqdm import tqdm
+
+        show_bar = sys.stdout.isatty() if self.cfg.progress is None else self.cfg.progress
+        self.bar = tqdm(total=self.cfg.steps, initial=self.step, unit="step",
+                        disable=not show_bar, dynamic_ncols=True, file=sys.stdout)  # fmt: skip
+        self.t0 = time.perf_counter()
+        self.snapshot = None
+        try:
+            with self.guard:
+                if self._log_due():  # stopped before the record of its last step was written
+                    self._log()
+                while self.step < self.cfg.steps:
+                    self._timed_step()
+                    if self.guard.pending:  # a Ctrl-C held during the update
+                        raise KeyboardInterrupt
+                    if self._log_due():
+                        self._log()
+        except KeyboardInterrupt:
+            self._stop()
+        self.bar.close()
+        return TrainResult(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            config=self.cfg,
+            step=self.step,
+            losses=self.losses,
+            val_loss=self.metrics.get("val_loss"),
+            history=self.history,
+            metrics=self.metrics,
+            train_seconds=self.train_seconds,
+            eval_seconds=self.eval_seconds,
+            tokens_per_s=len(self.losses) * self.task.tokens_per_step
+            / max(self.train_seconds, 1e-9),
+            run_dir=self.run_dir,
+        )
+
+    def _step(self):
+        """One optimizer step, as in nanoGPT's training loop."""
+        cfg, model = self.cfg, self.model
+        lr = lr_schedule(self.step, cfg.lr, self.warmup, self.decay_steps, cfg.min_lr)
+        batch = self.task.get_batch(self.batch_rng)
+        loss = self.task.loss(model, batch)
+        grads = model.backward()
+        if cfg.grad_clip > 0:
+            norm = clip_grad_norm(grads, cfg.grad_clip)  # scales grads in place when too large
+            _check_norm(norm, self.step + 1)
+        with self.guard.held():  # a Ctrl-C now waits until the update is complete
+            self.optimizer.step(grads, lr=lr)
+            self.step += 1
+            self.pending.append(loss)
+
+    def _timed_step(self):
+        """_step, timed, with the random streams noted so that a stop in its middle undoes its
+        draws."""
+        t = time.perf_counter()
+        self.snapshot = (
+            self.step,
+            self.batch_rng.bit_generator.state,
+            self.model.dropout_rng.bit_generator.state,
+        )
+        self._step()
+        dt = time.perf_counter() - t
+        self.interval_time += dt
+        self.train_seconds += dt
+        self.bar.update(1)
+
+    def _is_eval_step(self) -> bool:
+        return self.step % self.cfg.eval_interval == 0 or self.step == self.cfg.steps
+
+    def _log_due(self) -> bool:
+        """Whether this step is one that gets a record, and its record is not written yet."""
+        is_log = self.step % self.cfg.log_interval == 0 or self._is_eval_step()
+        return self.step > 0 and is_log and self.logged_step != self.step
+
+    def _log(self):
+        """The record of this step: the mean training loss since the last record; on evaluation
+        steps also the task's validation figures, a printed line, the plot, a sample and the
+        checkpoint."""
+        self.mark = (self._samples_size(), list(self.carried), list(self.pending))
+        t = time.perf_counter()
+        new = [float(v) for v in to_numpy(self.model.xp.stack(self.pending))] if self.pending \
+            else []  # fmt: skip
+        # On a GPU the steps run ahead of the host until this read waits for them, so the wait
+        # counts as training time.
+        t = time.perf_counter() - t
+        self.interval_time += t
+        self.train_seconds += t
+        self.losses += new
+        step_losses = self.carried + new
+        train_loss = sum(step_losses) / len(step_losses)
+        if not math.isfinite(train_loss):
+            raise RuntimeError(
+                f"the training loss became {train_loss} at step {self.step}; "
+                "try a smaller --lr or keep --grad-clip on"
+            )
+        tok_s = len(new) * self.task.tokens_per_step / max(self.interval_time, 1e-9)
+        lr = lr_schedule(self.step - 1, self.cfg.lr, self.warmup, self.decay_steps, self.cfg.min_lr)
+        is_eval = self._is_eval_step()
+        if is_eval:
+            t = time.perf_counter()
+            self.metrics = self.task.evaluate(self.model)
+            self.eval_seconds += time.perf_counter() - t
+        record = {"step": self.step, "train_loss": train_loss}
+        record |= {name: self.metrics.get(name) if is_eval else None
+                   for name in self.task.metric_names}  # fmt: skip
+        record |= {"lr": lr, "tokens_per_s": tok_s, "elapsed": self.elapsed()}
+        self._append_record(record)
+        self.pending, self.carried, self.interval_time = [], [], 0.0
+        self.bar.set_postfix(
+            {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"},
+            refresh=False,
+        )
+        if is_eval:
+            if self.cfg.verbose:
+                self.bar.write(format_record(record), file=sys.stdout)
+            if self.run_dir is not None:
+                plot_losses(self.history_before + self.history, self.run_dir / PLOT_FILE)
+                text = self.task.sample(self.model, self.step)
+                if text is not None:
+                    with open(self.run_dir / SAMPLES_FILE, "a", encoding="utf-8",
+                              errors="replace") as f:  # fmt: skip
+                        f.write(f"=== step {self.step} ===\n{text}\n\n")
+        self.logged_step, self.mark = self.step, None
+        if is_eval and self.run_dir is not None:
+            self.save()
+
+    def _stop(self):
+        """Ctrl-C or SIGTERM: save the last finished step and raise TrainingInterrupted."""
+        self.bar.close()
+        if self.guard.updating or self.run_dir is None:
+            raise  # parameters half-updated (or nowhere to save): keep the last checkpoint
+        if self.snapshot is not None and self.snapshot[0] == self.step:
+            # Stopped in the middle of a step: undo its random draws.
+            self.batch_rng.bit_generator.state = self.snapshot[1]
+            self.model.dropout_rng.bit_generator.state = self.snapshot[2]
+        self.save()
+        raise TrainingInterrupted(
+            self.step, self.run_dir, saved=True, signum=self.guard.signum
+        ) from None
 
     # -- files --------------------------------------------------------------------------------
 
-    def _prepare_files(self, ckpt) -> list[dict]:
-        """Start the run directory's files; on resume keep the records up to the checkpoint."""
+    def _prepare_files(self, ckpt, state) -> list[dict]:
+        """Start the run directory's files; on resume keep what the checkpoint's step had
+        written: the records up to it (before it, if its own record was still due) and
+        samples.txt as long as it was."""
         if self.run_dir is None:
             return []
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -634,9 +980,19 @@ class _Loop:
         history = read_metrics(self.run_dir) if metrics.exists() else []
         # Records written after the checkpoint (a crash before the next save) are dropped: the
         # resumed run writes them again.
-        history = [r for r in history if r.get("step", 0) <= ckpt.step]
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+        last = ckpt.step if self.logged_step == ckpt.step else ckpt.step - 1
+        history = [r for r in history if r.get("step", 0) <= last]
+        write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in history))
+        samples = self.run_dir / SAMPLES_FILE
+        size = state.get("samples_bytes")
+        if isinstance(size, int) and samples.is_file() and samples.stat().st_size > size:
+            with open(samples, "r+b") as f:  # samples written after the checkpoint
+                f.truncate(size)
         return history
+
+    def _samples_size(self) -> int:
+        path = None if self.run_dir is None else self.run_dir / SAMPLES_FILE
+        return path.stat().st_size if path is not None and path.is_file() else 0
 
     def _append_record(self, record):
         self.history.append(record)
@@ -645,6 +1001,23 @@ class _Loop:
                 f.write(json.dumps(record) + "\n")
 
     def save(self):
+        """Write the checkpoint of this step, with what a resumed run needs to write the same
+        records and samples as an uninterrupted one."""
+        if self._log_due() and self.mark is not None:
+            # Stopped inside this step's _log: the resumed run writes that record again, from
+            # what _log started from.
+            samples_bytes, carried, pending = self.mark
+        else:
+            samples_bytes, carried, pending = self._samples_size(), self.carried, self.pending
+        losses = carried + ([float(v) for v in to_numpy(self.model.xp.stack(pending))]
+                            if pending else [])  # fmt: skip
+        extra = {
+            **self.extra,
+            "elapsed": self.elapsed(),
+            "pending_losses": losses,
+            "log_due": self._log_due(),
+            "samples_bytes": samples_bytes,
+        }
         try:
             ckpt_io.save_checkpoint(
                 self.run_dir / ckpt_io.CHECKPOINT_NAME,
@@ -654,7 +1027,7 @@ class _Loop:
                 step=self.step,
                 batch_rng=self.batch_rng,
                 train_config=self.cfg.to_dict(),
-                extra={**self.extra, "elapsed": self.elapsed()},
+                extra=extra,
             )
         except OSError as err:  # a full disk, a read-only directory, ...
             # save_checkpoint writes a new checkpoint beside the old one and swaps them only
@@ -673,167 +1046,24 @@ class _Loop:
     def elapsed(self) -> float:
         return self.elapsed0 + time.perf_counter() - self.t0
 
-    # -- the loop -------------------------------------------------------------------------------
 
-    def run(self, train_data, val_data) -> TrainResult:
-        from tqdm import tqdm
-
-        cfg, model, optimizer = self.cfg, self.model, self.optimizer
-        T, B = cfg.block_size, cfg.batch_size
-        decay_steps = cfg.lr_decay_steps or cfg.steps
-        warmup = min(cfg.warmup_steps, decay_steps)
-        xp = get_array_module(train_data)
-        show_bar = sys.stdout.isatty() if cfg.progress is None else cfg.progress
-
-        self.t0 = time.perf_counter()
-        self.history = []
-        losses = []  # floats, read back every log_interval steps
-        pending = []  # the losses of the steps since the last read-back, still on the device
-        interval_time = 0.0  # seconds of training steps since the last record
-        self.train_seconds = self.eval_seconds = 0.0
-        val_loss = None  # of the last evaluation; the last step always has one
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            unit="step",
-            disable=not show_bar,
-            dynamic_ncols=True,
-            file=sys.stdout,
+def _check_norm(norm, step: int) -> None:
+    if not math.isfinite(norm):
+        # Stop rather than skip: a step whose gradient is inf or NaN means the run diverged,
+        # and skipping would hide it behind later steps. Nothing of this step was applied; the
+        # last checkpoint is intact.
+        raise RuntimeError(
+            f"the gradient norm became {norm} at step {step}; nothing of that step was applied "
+            "and the last checkpoint is intact. Try a smaller --lr"
         )
-
-        guard = _DeferInterrupts()
-        mid_step = False
-        try:
-            with guard:
-                while self.step < cfg.steps:
-                    # -- one training step --
-                    t_step = time.perf_counter()
-                    rng_states = (
-                        self.batch_rng.bit_generator.state,
-                        model.dropout_rng.bit_generator.state,
-                    )
-                    mid_step = True
-                    lr_now = lr_schedule(self.step, cfg.lr, warmup, decay_steps, cfg.min_lr)
-                    x, y = data_io.get_batch(train_data, T, B, self.batch_rng)
-                    _, loss = model.forward(x, y)
-                    grads = model.backward()
-                    if cfg.grad_clip > 0:
-                        norm = clip_grad_norm(grads, cfg.grad_clip)
-                        if not math.isfinite(norm):
-                            # Stop rather than skip: a step whose gradient is inf or NaN means
-                            # the run diverged, and skipping would hide it behind later steps.
-                            # Nothing of this step was applied; the last checkpoint is intact.
-                            raise RuntimeError(
-                                f"the gradient norm became {norm} at step {self.step + 1}; "
-                                "nothing of that step was applied and the last checkpoint is "
-                                "intact. Try a smaller --lr"
-                            )
-                    guard.updating = True
-                    optimizer.step(grads, lr=lr_now)
-                    self.step += 1
-                    mid_step = False
-                    guard.updating = False  # only now may a Ctrl-C save: the step is complete
-                    pending.append(loss)
-                    dt = time.perf_counter() - t_step
-                    interval_time += dt
-                    self.train_seconds += dt
-                    bar.update(1)
-                    if guard.pending:
-                        raise KeyboardInterrupt
-
-                    # -- bookkeeping: records every log_interval steps, evaluation every
-                    #    eval_interval steps and at the end --
-                    is_eval = self.step % cfg.eval_interval == 0 or self.step == cfg.steps
-                    if self.step % cfg.log_interval == 0 or is_eval:
-                        t_read = time.perf_counter()
-                        step_losses = [float(v) for v in to_numpy(xp.stack(pending))]
-                        # On a GPU the steps run ahead of the host until this read waits for
-                        # them, so the wait counts as training time.
-                        t_read = time.perf_counter() - t_read
-                        interval_time += t_read
-                        self.train_seconds += t_read
-                        losses += step_losses
-                        train_loss = sum(step_losses) / len(step_losses)
-                        if not math.isfinite(train_loss):
-                            raise RuntimeError(
-                                f"the training loss became {train_loss} at step {self.step}; "
-                                "try a smaller --lr or keep --grad-clip on"
-                            )
-                        tok_s = len(pending) * B * T / max(interval_time, 1e-9)
-                        pending, interval_time = [], 0.0
-                        if is_eval:
-                            val_loss = self._evaluate(val_data)
-                        record = {
-                            "step": self.step,
-                            "train_loss": train_loss,
-                            "val_loss": val_loss if is_eval else None,
-                            "lr": lr_now,
-                            "tokens_per_s": tok_s,
-                            "elapsed": self.elapsed(),
-                        }
-                        self._append_record(record)
-                        bar.set_postfix(
-                            {
-                                "loss": f"{train_loss:.3f}",
-                                "lr": f"{lr_now:.2e}",
-                                "tok/s": f"{tok_s:,.0f}",
-                            },
-                            refresh=False,
-                        )
-                        if is_eval:
-                            self._after_eval(record, bar)
-        except KeyboardInterrupt:
-            bar.close()
-            if guard.updating or self.run_dir is None:
-                raise  # parameters half-updated (or nowhere to save): keep the last checkpoint
-            if mid_step:  # undo the random draws of the unfinished step
-                self.batch_rng.bit_generator.state = rng_states[0]
-                model.dropout_rng.bit_generator.state = rng_states[1]
-            self.save()
-            raise TrainingInterrupted(
-                self.step, self.run_dir, saved=True, signum=guard.signum
-            ) from None
-        bar.close()
-
-        return TrainResult(
-            model=model,
-            tokenizer=self.tokenizer,
-            config=cfg,
-            step=self.step,
-            losses=losses,
-            val_loss=val_loss,
-            history=self.history,
-            train_seconds=self.train_seconds,
-            eval_seconds=self.eval_seconds,
-            tokens_per_s=len(losses) * B * T / max(self.train_seconds, 1e-9),
-            run_dir=self.run_dir,
-        )
-
-    def _evaluate(self, val_data) -> float:
-        t = time.perf_counter()
-        loss = evaluate(self.model, val_data, self.cfg.block_size, self.cfg.eval_batch_size)
-        self.eval_seconds += time.perf_counter() - t
-        return loss
-
-    def _after_eval(self, record, bar):
-        """Print the evaluation line; write the plot, a sample and the checkpoint."""
-        if self.cfg.verbose:
-            bar.write(format_record(record), file=sys.stdout)
-        if self.run_dir is None:
-            return
-        plot_losses(self.history_before + self.history, self.run_dir / PLOT_FILE)
-        if self.cfg.sample_tokens > 0:
-            text = sample_text(
-                self.model, self.tokenizer, self.cfg.sample_tokens, seed=self.cfg.seed + self.step
-            )
-            with open(self.run_dir / SAMPLES_FILE, "a", encoding="utf-8", errors="replace") as f:
-                f.write(f"=== step {self.step} ===\n{text}\n\n")
-        self.save()
 
 
 def format_record(r: dict) -> str:
     """step 250 | train loss 1.9213 | val loss 1.9812 | lr 9.71e-04 | 12,345 tok/s | 31.2 s"""
     val = f" | val loss {r['val_loss']:.4f}" if r.get("val_loss") is not None else ""
+    for key, value in r.items():  # a task's own figures: val_mlm_accuracy -> "mlm accuracy"
+        if key.startswith("val_") and key != "val_loss" and isinstance(value, (int, float)):
+            val += f" | {key[4:].replace('_', ' ')} {value:.4f}"
     return (
         f"step {r['step']} | train loss {r['train_loss']:.4f}{val} | lr {r['lr']:.2e} | "
         f"{r['tokens_per_s']:,.0f} tok/s | {r['elapsed']:.1f} s"
@@ -841,16 +1071,33 @@ def format_record(r: dict) -> str:
 
 
 def read_metrics(run_dir) -> list[dict]:
-    """The records of RUN_DIR/metrics.jsonl (lines that are not JSON objects are skipped)."""
+    """The records of RUN_DIR/metrics.jsonl.
+
+    A last line without its newline was cut short by a crash while it was written, and is left
+    out (a resumed run writes it again). Any other line that is not a JSON object is a
+    ValueError naming the file and the line.
+    """
     records = []
     path = Path(run_dir) / METRICS_FILE
-    for line in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # e.g. a line cut short by a crash
-        if isinstance(r, dict):
-            records.append(r)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # the unfinished last line of a crash
+                continue
+            raise ValueError(
+                f"{path}, line {number}: not a JSON record ({err.msg}); expected one JSON "
+                "object per line"
+            ) from err
+        if not isinstance(r, dict):
+            raise ValueError(
+                f"{path}, line {number}: expected a JSON object, got a {type(r).__name__}"
+            )
+        records.append(r)
     return records
 
 
