@@ -253,7 +253,7 @@ def test_python_m_tinylm_end_to_end(tmp_path, text_file):
     assert "step 3 of 3" in info and "wte.weight" in info and "metrics.jsonl" in info
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "eval", "info", "gradcheck"])
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "export", "info", "gradcheck"])
 def test_help(capsys, command):
     assert cli.main([command, "--help"]) == 0
     assert "default" in capsys.readouterr().out

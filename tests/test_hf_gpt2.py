@@ -347,6 +347,36 @@ def test_write_pretrained_extra_files(tmp_path):
         write_pretrained(tmp_path / "y", {}, {}, {"../escape": "x"})
 
 
+def test_write_pretrained_new_directory_appears_whole_or_not_at_all(monkeypatch, tmp_path):
+    from tinylm.hf import common
+
+    tensors = {"w": np.ones(2, np.float32)}
+    d = write_pretrained(tmp_path / "a" / "new", {"model_type": "gpt2"}, tensors, new=True)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_pretrained(empty, {}, tensors, new=True)  # an empty directory is taken
+    assert (empty / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="already exists and is not an empty directory"):
+        write_pretrained(empty, {}, tensors, new=True)  # even tinylm's own files stay
+
+    # Files appear in the target while the new directory is being written: the rename fails,
+    # the user's file is untouched, and the half-built sibling is gone.
+    late = tmp_path / "late"
+    write_files = common._write_files
+
+    def racing(directory, *args):
+        late.mkdir()
+        (late / "theirs.txt").write_text("theirs")
+        write_files(directory, *args)
+
+    monkeypatch.setattr(common, "_write_files", racing)
+    with pytest.raises(ValueError, match="could not be created.*nothing was written there"):
+        write_pretrained(late, {}, tensors, new=True)
+    assert [p.name for p in late.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "empty", "late"]
+
+
 def test_save_refuses_what_gpt2_cannot_hold(tmp_path, bpe):
     with pytest.raises(ValueError, match="sinusoidal"):
         random_gpt(20, positions="sinusoidal").save_pretrained(tmp_path / "a")

@@ -2,9 +2,13 @@
 
     tinylm train          train a GPT (tinylm.train), writing a run directory
     tinylm sample RUN     generate text from a run's checkpoint (model.generate)
-    tinylm eval RUN       loss and perplexity on the run's validation split or on any text
+    tinylm eval RUN       loss, perplexity and bits per byte on the validation split or a text
+    tinylm export RUN     write a run's GPT as a Hugging Face GPT-2 directory (save_pretrained)
     tinylm info RUN       what a run directory holds
     tinylm gradcheck      check every layer and a tiny GPT against central differences
+
+sample and eval take a Hugging Face GPT-2 directory instead of a run with --pretrained PATH
+(tinylm.hf.gpt2.load_gpt2), and train starts from either with --init-from PATH.
 
 Errors in the user's input or surroundings (a bad flag, a missing or damaged file, a full disk)
 are printed as one line, `tinylm: error: ...`, and the command exits with status 2, without a
@@ -155,6 +159,13 @@ def _add_train_parser(sub):
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its checkpoint (default: None)",
     )
+    g.add_argument(
+        "--init-from",
+        dest="init_from",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="fine-tune from a Hugging Face GPT-2 directory or a tinylm run directory",
+    )
     setting(g, "--overwrite", "replace a run directory that already holds a run",
             action="store_true")  # fmt: skip
     setting(g, "--no-progress", "no progress bar (it shows only on a terminal anyway)",
@@ -175,7 +186,6 @@ def _add_train_parser(sub):
 def cmd_sample(args) -> int:
     import numpy as np
 
-    from tinylm.checkpoint import load_checkpoint
     from tinylm.sample import check_sampling_args
 
     _check_flag("--max-new-tokens", args.max_new_tokens, low=0)
@@ -185,14 +195,12 @@ def cmd_sample(args) -> int:
     if args.top_p is not None:
         _check_flag("--top-p", args.top_p, low=0)
     check_sampling_args(args.temperature, args.top_k, args.top_p)
-    ckpt = load_checkpoint(args.run_dir)
-    tok = ckpt.tokenizer
+    model, tok, _ = _load_model(args)
     try:
         ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]  # empty: start from EOT
     except ValueError as err:  # e.g. characters a CharTokenizer has never seen
         raise ValueError(f"--prompt: {err}") from err
-    model = ckpt.build_model(args.device).eval()
-    out = model.generate(
+    out = model.eval().generate(
         np.array([ids] * args.num_samples),
         args.max_new_tokens,
         temperature=args.temperature,
@@ -209,6 +217,57 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _load_model(args):
+    """(GPT on args.device, tokenizer, checkpoint or None) from RUN_DIR or --pretrained PATH:
+    exactly one of them must be given."""
+    from pathlib import Path
+
+    from tinylm.checkpoint import has_checkpoint, load_checkpoint
+
+    if (args.run_dir is None) == (args.pretrained is None):
+        raise ValueError(
+            "give a run directory (RUN_DIR) or a Hugging Face GPT-2 directory (--pretrained "
+            f"PATH), {'not both' if args.run_dir else 'one of them'}"
+        )
+    if args.pretrained is not None:
+        from tinylm.hf.gpt2 import load_gpt2
+
+        path = Path(args.pretrained)
+        if path.is_dir() and not (path / "config.json").exists() and has_checkpoint(path):
+            raise ValueError(
+                f"--pretrained {str(path)!r} is a tinylm run directory; give it as RUN_DIR, "
+                "without --pretrained"
+            )
+        model, tok = load_gpt2(path)
+        if tok is None:
+            raise ValueError(
+                f"--pretrained {str(path)!r} has no tokenizer files (vocab.json and merges.txt); "
+                "copy GPT-2's into it"
+            )
+        return model.to(args.device), tok, None
+    path = Path(args.run_dir)
+    if _is_hugging_face_directory(path):
+        raise ValueError(
+            f"{str(path)!r} is a Hugging Face model directory, not a run directory; give it "
+            "with --pretrained"
+        )
+    ckpt = load_checkpoint(path)
+    if ckpt.model_type != "gpt":
+        raise ValueError(
+            f"{str(ckpt.path)!r} holds a {ckpt.model_type.upper()} model; this command reads a "
+            "GPT's run directory"
+        )
+    return ckpt.build_model(args.device), ckpt.tokenizer, ckpt
+
+
+def _is_hugging_face_directory(path) -> bool:
+    """A Hugging Face directory's config.json names a model_type; a tinylm checkpoint's does not."""
+    from tinylm.files import read_json_object
+
+    config = path / "config.json"
+    return config.is_file() and "model_type" in read_json_object(config, "model config")
+
+
 def _check_flag(flag: str, value, low) -> None:
     """A numeric flag must be finite and >= low; the error names the flag."""
     if not math.isfinite(value) or value < low:
@@ -221,14 +280,24 @@ def _print_text(text: str) -> None:
     print(text.encode(encoding, errors="replace").decode(encoding, errors="replace"))
 
 
+def _add_model_arguments(p):
+    """RUN_DIR or --pretrained PATH, the two places a model comes from."""
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", default=None,
+                   help="a run directory (or its checkpoint/)")  # fmt: skip
+    p.add_argument("--pretrained", metavar="PATH", default=None,
+                   help="a Hugging Face GPT-2 directory instead of RUN_DIR (config.json, "
+                   "model.safetensors, vocab.json, merges.txt)")  # fmt: skip
+
+
 def _add_sample_parser(sub):
     p = sub.add_parser(
         "sample",
-        help="generate text from a run's checkpoint",
-        description="Generate text with the model of a run directory (KV cache on by default).",
+        help="generate text from a run's checkpoint or a GPT-2 directory",
+        description="Generate text with the model of a run directory or of a Hugging Face "
+        "GPT-2 directory (--pretrained), KV cache on by default.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
+    _add_model_arguments(p)
     p.add_argument("--prompt", default="", help="text to continue; empty starts from EOT")
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (argmax)")
@@ -246,23 +315,34 @@ def _add_sample_parser(sub):
 
 
 def cmd_eval(args) -> int:
+    """Loss, perplexity and bits per byte (tinylm.evaluation): on --text, <|endoftext|> then all
+    of the text, every text token predicted; on a run's validation split, its tokens after the
+    first. Both in non-overlapping windows of the model's block_size (n_positions)."""
     import numpy as np
 
     from tinylm import data as data_io
+    from tinylm import evaluation
     from tinylm.backend import set_backend
-    from tinylm.checkpoint import load_checkpoint
-    from tinylm.training import TrainConfig, evaluate, split_tokens
+    from tinylm.training import TrainConfig, split_tokens
 
     _check_flag("--batch-size", args.batch_size, low=1)
-    ckpt = load_checkpoint(args.run_dir)
+    if args.pretrained is not None and args.text is None:
+        raise ValueError(
+            "--pretrained needs --text FILE: a Hugging Face directory has no validation split"
+        )
     if args.device == "gpu":
         set_backend("gpu")
+    model, tok, ckpt = _load_model(args)
+    # Windows of the run's training block_size (a fine-tuning run may train on windows shorter
+    # than its model's context), or of a Hugging Face model's n_positions.
+    T = model.config.block_size
+    run_T = ckpt.train_config.get("block_size") if ckpt is not None else None
+    if isinstance(run_T, int) and not isinstance(run_T, bool) and run_T >= 1:
+        T = min(T, run_T)
     if args.text is not None:
         text = data_io.load_text(args.text)
-        ids = np.asarray(ckpt.tokenizer.encode(text), dtype=np.int64)
-        what = f"{args.text} (all of it)"
-        if len(ids) < 2:
-            raise ValueError(f"{args.text} has {len(ids)} token(s); evaluation needs at least 2")
+        score = evaluation.evaluate_text(model, tok, text, args.batch_size, T)
+        what = f"{args.text} (all of it, after <|endoftext|>)"
     else:
         cfg = TrainConfig.from_dict(ckpt.train_config, source=f"{ckpt.path / 'config.json'}")
         text = data_io.load_text(cfg.text) if cfg.text else data_io.load_corpus(cfg.corpus)
@@ -272,13 +352,15 @@ def cmd_eval(args) -> int:
                 f"{cfg.text or 'the corpus'} has changed since the run was trained, so its "
                 "validation split is not the run's; pass --text to evaluate on a text as it is"
             )
-        _, ids = split_tokens(cfg, ckpt.tokenizer, text)
+        _, ids = split_tokens(cfg, tok, text)
+        n_bytes = evaluation.utf8_length(tok, ids[1:])
+        score = evaluation.evaluate_tokens(model, np.asarray(ids), n_bytes, args.batch_size, T)
         what = f"the validation split of {cfg.text or 'corpus ' + cfg.corpus}"
-    model = ckpt.build_model(args.device)
-    loss = evaluate(model, model.xp.asarray(ids), model.config.block_size, args.batch_size)
+    step = f" | step {ckpt.step}" if ckpt is not None else ""
     print(
-        f"{what}: {len(ids) - 1:,} predicted tokens | loss {loss:.4f} | "
-        f"perplexity {math.exp(loss):.3f} | step {ckpt.step}"
+        f"{what}: {score.tokens:,} predicted tokens, {score.bytes:,} bytes | loss "
+        f"{score.loss:.4f} | perplexity {score.perplexity:.3f} | bits per byte "
+        f"{score.bits_per_byte:.4f} | windows of {T} tokens{step}"
     )
     return 0
 
@@ -286,16 +368,80 @@ def cmd_eval(args) -> int:
 def _add_eval_parser(sub):
     p = sub.add_parser(
         "eval",
-        help="loss and perplexity of a run's model",
-        description="The mean loss per token (and its exp, the perplexity) of a run's model on "
-        "the whole validation split of its training text, or on all of another text.",
+        help="loss, perplexity and bits per byte of a run's model or a GPT-2 directory",
+        description="The mean loss per token, its exp (the perplexity) and the bits per UTF-8 "
+        "byte (comparable across tokenizers) of a run's model on the whole validation split of "
+        "its training text, or of a run's or a Hugging Face GPT-2 directory's model "
+        "(--pretrained) on all of a text (--text), read after <|endoftext|>. The tokens are "
+        "read in non-overlapping windows of the model's context length.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
-    p.add_argument("--text", metavar="PATH", default=None, help="evaluate on this text instead")
+    _add_model_arguments(p)
+    p.add_argument("--text", metavar="PATH", default=None,
+                   help="evaluate on this text (a file, or a folder of .txt files)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where to run")
     p.set_defaults(func=cmd_eval)
+
+
+# ----------------------------------------------------------------------------------------------
+# tinylm export
+
+
+def cmd_export(args) -> int:
+    """The run's GPT (and its tokenizer, when it is GPT-2's byte-level BPE) as a new Hugging
+    Face GPT-2 directory: tinylm.hf.gpt2.save_gpt2 with new=True (written aside, then renamed
+    into place; an existing non-empty directory is refused, never written into)."""
+    from pathlib import Path
+
+    from tinylm.checkpoint import load_checkpoint
+    from tinylm.hf.gpt2 import gpt2_tokenizer_or_reason, save_gpt2
+
+    out = Path(args.to)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(
+            f"--to {str(out)!r} already exists and is not an empty directory; tinylm export "
+            "writes a new directory and never writes over existing files"
+        )
+    ckpt = load_checkpoint(args.run_dir)
+    if ckpt.model_type != "gpt":
+        raise ValueError(
+            f"{str(ckpt.path)!r} holds a {ckpt.model_type.upper()} model; tinylm export writes "
+            "GPT-2 directories (for BERT: tinylm.hf.bert.save_bert)"
+        )
+    tokenizer, reason = gpt2_tokenizer_or_reason(ckpt.tokenizer)
+    save_gpt2(ckpt.build_model(), out, tokenizer, new=True)
+    run = ckpt.path.parent if ckpt.path.name == "checkpoint" else ckpt.path
+    if tokenizer is not None:
+        print(
+            f"exported {run} (step {ckpt.step}) to {out}: config.json, model.safetensors and "
+            "GPT-2's tokenizer files (vocab.json, merges.txt, tokenizer_config.json)"
+        )
+    else:
+        print(
+            f"exported the model of {run} (step {ckpt.step}) to {out}: config.json and "
+            f"model.safetensors only; {reason}, so no tokenizer files were written and text "
+            f"must be encoded with the run's own tokenizer (tinylm.checkpoint.load_checkpoint"
+            f"({str(run)!r}).tokenizer)"
+        )
+    return 0
+
+
+def _add_export_parser(sub):
+    p = sub.add_parser(
+        "export",
+        help="write a run's model as a Hugging Face GPT-2 directory",
+        description="Write the model of a run directory's checkpoint as a new Hugging Face "
+        "GPT-2 directory (config.json, model.safetensors, and vocab.json + merges.txt when "
+        "the run's tokenizer is byte-level BPE), which transformers' "
+        "GPT2LMHeadModel.from_pretrained and tinylm's --pretrained read. A character "
+        "tokenizer has no GPT-2 form: then only the model is written, and the output says so.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
+    p.add_argument("--to", metavar="DIR", required=True,
+                   help="the directory to write: a new one, or an empty one")  # fmt: skip
+    p.set_defaults(func=cmd_export)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_sample_parser(sub)
     _add_eval_parser(sub)
+    _add_export_parser(sub)
     _add_info_parser(sub)
 
     p = sub.add_parser(

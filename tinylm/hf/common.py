@@ -209,6 +209,7 @@ def write_pretrained(
     config: dict,
     tensors: dict[str, np.ndarray],
     extra_files: dict[str, str | bytes] | None = None,
+    new: bool = False,
 ) -> Path:
     """Write a Hugging Face model directory: config.json, model.safetensors, extra files.
 
@@ -218,6 +219,11 @@ def write_pretrained(
     with a ValueError listing what is there; tinylm never deletes or overwrites what it did not
     write. The safetensors file carries ``{"format": "pt"}`` as its metadata, which
     ``transformers`` requires. Returns the directory as a Path.
+
+    With ``new`` (tinylm export), the directory must not exist or be empty: the files are
+    written into a fresh sibling ``NAME.tmp-XXXXXXXX/`` and that is renamed to NAME, so the
+    directory appears complete or not at all (the rename fails, and nothing is written there,
+    if NAME has meanwhile got files).
     """
     directory = Path(directory)
     extra_files = dict(extra_files or {})
@@ -225,6 +231,8 @@ def write_pretrained(
     for name in extra_files:
         if Path(name).name != name or name in (CONFIG_NAME, WEIGHTS_NAME):
             raise ValueError(f"extra file name {name!r} must be a plain file name of its own")
+    if new:
+        return _write_new_directory(directory, config, tensors, extra_files)
     if directory.exists():
         if not directory.is_dir():
             raise ValueError(f"{str(directory)!r} exists and is not a directory")
@@ -237,7 +245,11 @@ def write_pretrained(
                 "choose an empty or new directory"
             )
     directory.mkdir(parents=True, exist_ok=True)
+    _write_files(directory, config, tensors, extra_files)
+    return directory
 
+
+def _write_files(directory: Path, config: dict, tensors: dict, extra_files: dict) -> None:
     for name, array in tensors.items():
         if not isinstance(array, np.ndarray):
             raise TypeError(f"tensor {name!r} must be a NumPy array, got {type(array).__name__}")
@@ -247,6 +259,33 @@ def write_pretrained(
     _write_safetensors_atomic(directory / WEIGHTS_NAME, arrays, {"format": "pt"}, mode)
     for name, data in extra_files.items():
         write_atomic(directory / name, data)
+
+
+def _write_new_directory(directory: Path, config, tensors, extra_files) -> Path:
+    """write_pretrained(new=True): every file into a fresh sibling, then one rename."""
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ValueError(
+            f"{str(directory)!r} already exists and is not an empty directory; choose a new "
+            "directory (tinylm never writes over existing files)"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(directory)
+    tmp.mkdir()  # with the permissions the umask gives a new directory
+    try:
+        _write_files(tmp, config, tensors, extra_files)
+        try:
+            os.rename(tmp, directory)  # replaces an empty directory; never a non-empty one
+        except OSError as err:
+            raise ValueError(
+                f"{str(directory)!r} could not be created ({err.strerror}); nothing was "
+                "written there"
+            ) from err
+    except BaseException:
+        for path in tmp.iterdir():  # only the files written above
+            path.unlink()
+        tmp.rmdir()
+        raise
+    fsync_dir(directory.parent)
     return directory
 
 

@@ -231,13 +231,28 @@ def load_gpt2(path, dtype=None) -> tuple[GPT, BPETokenizer | None]:
     return GPT(config, dtype=dtype, params=params), tokenizer
 
 
-def save_gpt2(model: GPT, path, tokenizer=None) -> Path:
+def gpt2_tokenizer_or_reason(tokenizer) -> tuple[BPETokenizer | None, str | None]:
+    """(tokenizer, None) when ``tokenizer`` has GPT-2's files (a byte-level BPETokenizer that
+    pre-splits with GPT-2's pattern), else (None, the reason, for a message)."""
+    if not isinstance(tokenizer, BPETokenizer):
+        return None, (
+            f"the tokenizer is a {type(tokenizer).__name__}, not GPT-2's byte-level BPE"
+        )
+    try:
+        tokenizer.pretrained_files()
+    except ValueError as err:  # an old tinylm's pre-split pattern
+        return None, f"the tokenizer has no GPT-2 form ({err})"
+    return tokenizer, None
+
+
+def save_gpt2(model: GPT, path, tokenizer=None, new=False) -> Path:
     """Write ``model`` (and ``tokenizer``, a BPETokenizer) as a Hugging Face GPT-2 directory.
 
     config.json, model.safetensors (GPT2LMHeadModel's keys, in the model's dtype), and
     vocab.json, merges.txt, tokenizer_config.json when a tokenizer is given. The directory
     rules are those of tinylm.hf.common.write_pretrained: files from an earlier save are
-    replaced, anything else in the directory is refused. Returns the directory.
+    replaced, anything else in the directory is refused; with ``new``, the directory must not
+    exist or be empty, and it appears complete or not at all. Returns the directory.
     """
     extra_files = None
     eot_id = None
@@ -255,4 +270,4 @@ def save_gpt2(model: GPT, path, tokenizer=None) -> Path:
         extra_files = tokenizer.pretrained_files()
         eot_id = tokenizer.eot_id
     config = config_to_hf(model.config, eot_id)
-    return write_pretrained(path, config, params_to_hf(model.params), extra_files)
+    return write_pretrained(path, config, params_to_hf(model.params), extra_files, new=new)
