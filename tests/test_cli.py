@@ -84,8 +84,11 @@ def test_text_that_is_not_utf8(capsys, tmp_path):
     )
 
 
-def test_prompt_outside_the_vocabulary(capsys, run_dir):
+def test_prompt_outside_the_vocabulary(capsys, run_dir, tmp_path):
     fails(capsys, ["sample", str(run_dir), "--prompt", "Zoë"], "'Z'", "'ë'")
+    (tmp_path / "zoe.txt").write_text("Zoë", encoding="utf-8")
+    fails(capsys, ["eval", str(run_dir), "--text", str(tmp_path / "zoe.txt")],
+          f"--text {tmp_path / 'zoe.txt'}: ", "'Z'", "'ë'")  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -341,7 +341,10 @@ def cmd_eval(args) -> int:
         T = min(T, run_T)
     if args.text is not None:
         text = data_io.load_text(args.text)
-        score = evaluation.evaluate_text(model, tok, text, args.batch_size, T)
+        try:
+            score = evaluation.evaluate_text(model, tok, text, args.batch_size, T)
+        except ValueError as err:  # e.g. characters a CharTokenizer has never seen
+            raise ValueError(f"--text {args.text}: {err}") from err
         what = f"{args.text} (all of it, after <|endoftext|>)"
     else:
         cfg = TrainConfig.from_dict(ckpt.train_config, source=f"{ckpt.path / 'config.json'}")
