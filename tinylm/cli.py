@@ -376,7 +376,8 @@ def _add_eval_parser(sub):
         "byte (comparable across tokenizers) of a run's model on the whole validation split of "
         "its training text, or of a run's or a Hugging Face GPT-2 directory's model "
         "(--pretrained) on all of a text (--text), read after <|endoftext|>. The tokens are "
-        "read in non-overlapping windows of the model's context length.",
+        "read in non-overlapping windows of the run's block_size (a GPT-2 directory's "
+        "n_positions).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_arguments(p)
