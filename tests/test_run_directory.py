@@ -217,3 +217,125 @@ def test_a_failed_save_is_one_line_saying_the_previous_checkpoint_is_intact(
     assert "\n" not in err and "No space left on device" in err
     assert "the previous checkpoint (step 5) is intact" in err
     assert load_checkpoint(out).step == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run leaves is the same, however it was stopped
+
+TIMING = ("tokens_per_s", "elapsed")
+EXACT = dict(TINY, log_interval=3, eval_interval=6, sample_tokens=20, dropout=0.1, steps=12)
+
+
+def _files(run):
+    """metrics.jsonl without its timing fields, and samples.txt."""
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+    return records, (run / "samples.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def uninterrupted(tmp_path, text_file):
+    train(text=str(text_file), out=str(tmp_path / "whole"), **EXACT)
+    return _files(tmp_path / "whole")
+
+
+def _interrupt_on_call(monkeypatch, owner, name, n, exc=KeyboardInterrupt):
+    """Make owner.name raise exc on its n-th call."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("tinylm.training.evaluate", 2),  # in the middle of the evaluation of step 12
+        ("tinylm.training.sample_text", 1),  # before the sample of step 6 is written
+        ("tinylm.training.plot_losses", 2),  # after the record of step 12 was written
+        ("tinylm.model.GPT.backward", 5),  # mid-step, with losses since the record at step 3
+        ("tinylm.checkpoint.save_checkpoint", 1),  # in the first save, after the sample
+    ],
+)
+def test_ctrl_c_anywhere_then_resume_leaves_the_files_of_an_uninterrupted_run(
+    tmp_path, text_file, monkeypatch, uninterrupted, where
+):
+    import importlib
+
+    target, n = where
+    module_name, _, attr = target.rpartition(".")
+    try:
+        owner = importlib.import_module(module_name)
+    except ImportError:  # a class inside a module
+        module_name, _, cls = module_name.rpartition(".")
+        owner = getattr(importlib.import_module(module_name), cls)
+    run = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        _interrupt_on_call(m, owner, attr, n)
+        with pytest.raises(KeyboardInterrupt):
+            train(text=str(text_file), out=str(run), **EXACT)
+    train(resume=str(run), verbose=False, progress=False)
+    assert _files(run) == uninterrupted
+
+
+def test_a_crash_after_the_sample_before_the_save_does_not_repeat_the_sample(
+    tmp_path, text_file, monkeypatch, uninterrupted
+):
+    """A process killed between writing a record and its sample and saving the checkpoint
+    (here: an error in the second save) resumes from the previous checkpoint without repeating
+    what was written after it."""
+    run = tmp_path / "crash"
+    with monkeypatch.context() as m:
+        _interrupt_on_call(m, __import__("tinylm.checkpoint").checkpoint, "save_checkpoint", 2,
+                           exc=RuntimeError("killed"))  # fmt: skip
+        with pytest.raises(RuntimeError, match="killed"):
+            train(text=str(text_file), out=str(run), **EXACT)
+    assert "=== step 12 ===" in (run / "samples.txt").read_text(encoding="utf-8")
+    assert load_checkpoint(run).step == 6
+    train(resume=str(run), verbose=False, progress=False)
+    assert _files(run) == uninterrupted
+
+
+def test_a_damaged_metrics_line_is_an_error_naming_file_and_line(tmp_path, text_file):
+    run = tmp_path / "run"
+    train(text=str(text_file), out=str(run), steps=10, **TINY)
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    (run / "metrics.jsonl").write_text(lines[0][:-5] + "\n" + lines[1] + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not a JSON record"):
+        train(resume=str(run), steps=15, verbose=False, progress=False)
+
+    # A last line cut short without its newline (a crash while appending it) is not damage.
+    (run / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:20], encoding="utf-8")
+    train(resume=str(run), steps=15, verbose=False, progress=False)
+
+
+def test_an_absurd_model_size_is_refused_before_anything_is_allocated(tmp_path, text_file):
+    with pytest.raises(ValueError, match=r"would have [\d,]+ parameters"):
+        train(text=str(text_file), **dict(TINY, block_size=10**12, steps=5))
+    with pytest.raises(ValueError, match=r"would have [\d,]+ parameters"):
+        train(text=str(text_file), **dict(TINY, n_layer=10**6, steps=5))
+
+    # A checkpoint whose config claims such a size is refused from the shapes alone.
+    run = tmp_path / "run"
+    train(text=str(text_file), out=str(run), steps=5, **TINY)
+    config_file = run / "checkpoint" / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["model_config"]["block_size"] = 10**12
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"'wpe.weight' has shape \(16, 16\)"):
+        load_checkpoint(run)
+
+
+def test_train_restores_the_array_backend(text_file):
+    from tinylm.backend import get_backend
+
+    before = get_backend()
+    train(text=str(text_file), steps=2, **TINY)
+    assert get_backend() == before

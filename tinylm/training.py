@@ -693,7 +693,8 @@ def resolve_config(cls, config, overrides):
         "overwrite": False,
     }
     cfg = replace(saved, **settings)
-    if cfg.steps <= ckpt.step:
+    # A run stopped while writing the record of its last step may resume just to write it.
+    if cfg.steps < ckpt.step or (cfg.steps == ckpt.step and not ckpt.extra.get("log_due")):
         raise ValueError(
             f"the run in {resume} has done {ckpt.step} of its {saved.steps} steps; "
             f"give more steps (e.g. --steps {ckpt.step + saved.steps}) to continue it"
