@@ -1,0 +1,209 @@
+"""The documentation site, read in a real browser.
+
+Builds the site as CI does (`mkdocs build --strict` into a temporary folder), serves it on
+127.0.0.1, opens every page in headless Chromium at 1280 x 900 with every request to another
+host refused (the site must work offline), and fails on what a reader would see as broken:
+
+- raw TeX left in the text (`$$`, `\\frac`, `\\[`, `\\(`, or `$...\\command...$`), i.e. math
+  that MathJax did not typeset, or MathJax not finishing at all;
+- an image that does not load;
+- a JavaScript error (an uncaught exception or a console error, a failed request included);
+- a request to another host (a CDN, web fonts);
+- content wider than the 1280-px window, or a display equation wider than its column.
+
+Skipped when Chromium (Debian's `chromium` package: /usr/bin/chromium) or the Python package
+playwright (in the dev extra; it drives the system's Chromium, no browser download) is missing.
+Set TINYLM_CHROMIUM to use another Chromium binary.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTH, HEIGHT = 1280, 900
+TYPESET_TIMEOUT_MS = 30_000
+
+
+def _chromium() -> str | None:
+    for name in (os.environ.get("TINYLM_CHROMIUM"), "chromium", "chromium-browser"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+pytestmark = [
+    pytest.mark.skipif(not (ROOT / "mkdocs.yml").is_file(), reason="no mkdocs.yml"),
+    pytest.mark.skipif(_chromium() is None, reason="no Chromium (apt-get install chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    pytest.importorskip("mkdocs")
+    site_dir = tmp_path_factory.mktemp("site")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr[-4000:]}"
+    return site_dir
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(site))
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _page_paths(site: Path) -> list[str]:
+    """Every page's URL path ('' for the home page), from the built site's index.html files."""
+    return sorted(
+        "" if p.parent == site else p.parent.relative_to(site).as_posix() + "/"
+        for p in site.rglob("index.html")
+        if "assets" not in p.relative_to(site).parts
+    )
+
+
+# Run in the page once MathJax says it is done (html[data-math="typeset"]). Returns what a
+# reader would see as broken, as lists of short descriptions.
+INSPECT_JS = r"""
+async () => {
+  const out = {rawTex: [], badImages: [], tooWide: [], formulas: 0};
+  // Visible text outside code, scripts and typeset math.
+  const skip = "pre, code, script, style, textarea, mjx-container, .md-search, .md-source";
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  const patterns = [/\$\$/, /\\frac/, /\\\[/, /\\\(/, /\$[^$\n]*\\[A-Za-z]+[^$\n]*\$/];
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const el = node.parentElement;
+    if (!el || el.closest(skip) || !el.checkVisibility()) continue;
+    const text = node.textContent;
+    for (const p of patterns) {
+      const m = text.match(p);
+      if (m) {
+        const i = Math.max(0, m.index - 30);
+        out.rawTex.push(text.slice(i, m.index + 50).replace(/\s+/g, " ").trim());
+        break;
+      }
+    }
+  }
+  // Images: load the lazy ones too, then ask each whether it decoded.
+  for (const img of document.images) {
+    img.loading = "eager";
+    try { await img.decode(); } catch (e) { /* counted below */ }
+    if (!img.complete || img.naturalWidth === 0) out.badImages.push(img.src.slice(0, 120));
+  }
+  // Widths: the page, then each display equation against its column.
+  const page = document.documentElement.scrollWidth;
+  if (page > window.innerWidth) out.tooWide.push(`page is ${page} px wide`);
+  out.formulas = document.querySelectorAll("mjx-container").length;
+  for (const box of document.querySelectorAll("mjx-container[display='true']")) {
+    const math = box.querySelector("mjx-math");
+    const column = box.closest("div.arithmatex") || box.parentElement;
+    const need = math.getBoundingClientRect().width;
+    const right = math.getBoundingClientRect().right;
+    if (need > column.clientWidth + 1 || right > window.innerWidth) {
+      const label = (box.nextElementSibling || box).textContent || "";
+      out.tooWide.push(
+        `equation ${Math.round(need)} px in a ${column.clientWidth}-px column: ` +
+        label.replace(/\s+/g, " ").slice(0, 80));
+    }
+  }
+  return out;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def reports(site, server):
+    """{page path: list of problems} for every page of the site, read in one browser session."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    problems: dict[str, list[str]] = {}
+    equations: dict[str, int] = {}
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        try:
+            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
+            current: list[str] = []
+
+            def refuse_other_hosts(route):
+                if route.request.url.startswith(server):
+                    route.continue_()
+                else:
+                    current.append(f"request to another host: {route.request.url[:120]}")
+                    route.abort()
+
+            context.route("**/*", refuse_other_hosts)
+            page = context.new_page()
+            page.on("pageerror", lambda err: current.append(f"JavaScript error: {err}"))
+            page.on(
+                "console",
+                lambda msg: msg.type == "error" and current.append(f"console error: {msg.text}"),
+            )
+            page.on(
+                "requestfailed",
+                lambda req: req.url.startswith(server)
+                and current.append(f"failed to load {req.url[len(server):]}"),
+            )
+            for path in _page_paths(site):
+                current.clear()
+                page.goto(f"{server}/{path}", wait_until="load")
+                try:
+                    page.wait_for_selector(
+                        "html[data-math='typeset']", state="attached", timeout=TYPESET_TIMEOUT_MS
+                    )
+                except playwright.TimeoutError:
+                    state = page.evaluate("document.documentElement.dataset.math")
+                    current.append(f"MathJax did not finish (html[data-math] is {state!r})")
+                found = page.evaluate(INSPECT_JS)
+                current.extend(f"raw TeX in the text: {s!r}" for s in found["rawTex"])
+                current.extend(f"image does not load: {s}" for s in found["badImages"])
+                current.extend(f"too wide: {s}" for s in found["tooWide"])
+                problems[path or "/"] = list(current)
+                equations[path or "/"] = found["formulas"]
+        finally:
+            browser.close()
+    return problems, equations
+
+
+def test_every_page_reads_cleanly_offline(reports):
+    problems, _ = reports
+    assert len(problems) >= 6, f"expected the site's pages, found {sorted(problems)}"
+    bad = {path: p for path, p in problems.items() if p}
+    lines = [f"{path}: {p}" for path, items in sorted(bad.items()) for p in items]
+    assert not bad, f"{len(lines)} problem(s) on {len(bad)} page(s):\n" + "\n".join(lines)
+
+
+def test_math_is_typeset_on_markdown_and_notebook_pages(reports):
+    # The check above finds TeX left raw; this one makes sure there was math to typeset at all
+    # (an empty page would pass it), on a Markdown page and on every notebook page.
+    _, equations = reports
+    assert equations.get("math/", 0) >= 20, equations
+    notebook_pages = [p for p in equations if p.startswith("notebooks/")]
+    assert notebook_pages, sorted(equations)
+    missing = [p for p in notebook_pages if equations[p] == 0]
+    # Every notebook so far has math; one without any would be named here.
+    assert not missing, f"no formula typeset on {missing}"
