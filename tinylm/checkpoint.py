@@ -97,9 +97,12 @@ class Checkpoint:
     def build_model(self, device: str = "cpu") -> GPT | Bert:
         """A GPT (or a Bert, for a pretraining run) with these parameters and dropout stream, on
         "cpu" or "gpu"."""
-        cls = Bert if self.model_type == "bert" else GPT
-        model = cls(self.model_config, dtype=self.dtype)
-        model.params = {name: a.copy() for name, a in self.params.items()}
+        params = {name: a.copy() for name, a in self.params.items()}  # the model trains them
+        if self.model_type == "gpt":
+            model = GPT(self.model_config, dtype=self.dtype, params=params)  # no random init
+        else:
+            model = Bert(self.model_config, dtype=self.dtype)
+            model.params = params
         model.dropout_rng = make_rng(self.rng_state["dropout"])
         return model.to(device)
 

@@ -565,10 +565,9 @@ def load_pretrained_gpt(cfg: TrainConfig):
                 f"init_from {cfg.init_from!r} holds a {source.model_type} model; "
                 f"{TrainConfig.command} fine-tunes a GPT"
             )
-        model, tokenizer = source.build_model(), source.tokenizer
-        if model.dtype != np.dtype(cfg.dtype):
-            model.params = {k: a.astype(cfg.dtype) for k, a in model.params.items()}
-            model.dtype = np.dtype(cfg.dtype)
+        params = {name: a.astype(cfg.dtype) for name, a in source.params.items()}  # copies
+        model = GPT(source.model_config, dtype=cfg.dtype, params=params)
+        tokenizer = source.tokenizer
     else:
         model, tokenizer = load_gpt2(path, dtype=cfg.dtype)
         if tokenizer is None:
