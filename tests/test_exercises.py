@@ -309,3 +309,21 @@ def test_the_command_starts_and_checks(tmp_path, capsys):
     write_student_file(tmp_path / "done", SOLUTIONS)
     check = _parse(["exercises", "check", str(tmp_path / "done"), "--seed", "3"])
     assert check.func(check) == 0
+
+
+def test_a_check_right_after_an_edit_reads_the_edit(tmp_path):
+    path = exercises.start(tmp_path)
+    before = by_function(exercises.check(tmp_path, verbose=False))["softmax_backward"]
+    assert before.status == "not started"
+    stub = '    raise NotImplementedError("softmax_backward")\n'
+    path.write_text(path.read_text().replace(stub, SOLUTIONS["softmax_backward"].lstrip("\n")))
+    after = by_function(exercises.check(tmp_path, verbose=False))["softmax_backward"]
+    assert after.status == "ok"
+    assert not (tmp_path / "__pycache__").exists()  # nothing written beside the student's file
+
+
+def test_nan_in_an_answer_is_wrong_not_a_crash(tmp_path):
+    write_student_file(tmp_path, {**SOLUTIONS, "gelu_backward": "    return dout * np.nan\n"})
+    r = by_function(exercises.check(tmp_path, verbose=False))["gelu_backward"]
+    assert r.status == "wrong"
+    assert r.max_rel_error == float("inf")
