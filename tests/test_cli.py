@@ -111,6 +111,7 @@ def test_prompt_outside_the_vocabulary(capsys, run_dir, tmp_path):
         (["sample", "RUN", "--top-k", "0"], "top_k"),
         (["sample", "RUN", "--top-p", "0"], "top_p"),
         (["sample", "RUN", "--num-samples", "0"], "--num-samples"),
+        (["eval", "RUN", "--batch-size", "0"], "--batch-size"),
     ],
 )
 def test_zero_or_negative_sizes_and_rates(capsys, run_dir, argv, name):

@@ -14,7 +14,13 @@ import pytest
 
 from tinylm import cli
 from tinylm.checkpoint import load_checkpoint
-from tinylm.evaluation import TextScore, evaluate_text, evaluate_tokens, utf8_length
+from tinylm.evaluation import (
+    TextScore,
+    auto_batch_size,
+    evaluate_text,
+    evaluate_tokens,
+    utf8_length,
+)
 from tinylm.gradcheck import randomize_params
 from tinylm.hf.gpt2 import load_gpt2
 from tinylm.model import GPT, GPTConfig
@@ -211,6 +217,27 @@ def test_utf8_length_counts_token_bytes(bpe):
         assert utf8_length(bpe, ids[:cut]) + utf8_length(bpe, ids[cut:]) == utf8_length(bpe, ids)
     tok = CharTokenizer("aü中")
     assert utf8_length(tok, tok.encode("aü中<|endoftext|>")) == 1 + 2 + 3 + 13
+
+
+def test_batch_size_changes_nothing_but_the_speed(gpt2_dir):
+    model, tok = load_gpt2(gpt2_dir)
+    scores = [evaluate_text(model, tok, TEXT, batch_size=b).nats for b in (1, 3, 1000, None)]
+    assert max(scores) - min(scores) <= 1e-6 * max(scores)
+    gpt2_small = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    assert auto_batch_size(gpt2_small, 1024) == 1  # 1024 x 50257 logits alone are 51M numbers
+    assert auto_batch_size(gpt2_small, 64) == 10
+    char = GPTConfig(vocab_size=104, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    assert auto_batch_size(char, 64) == 2**25 // (64 * 512)  # the MLP's 4C = 512 is widest
+
+
+def test_logits_keep_no_caches_and_match_forward(gpt2_dir):
+    model, tok = load_gpt2(gpt2_dir)
+    model.config.dropout = 0.5  # logits() reads with dropout off, whatever the mode
+    x = np.array([tok.encode(TEXT)[:16]])
+    model.train()
+    assert model.logits(x).shape == (1, 16, tok.vocab_size) and model.training
+    assert model._caches is None  # nothing kept for a backward
+    np.testing.assert_array_equal(model.logits(x), model.eval().forward(x)[0])
 
 
 def test_evaluation_input_errors(gpt2_dir):

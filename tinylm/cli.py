@@ -325,7 +325,8 @@ def cmd_eval(args) -> int:
     from tinylm.backend import set_backend
     from tinylm.training import TrainConfig, split_tokens
 
-    _check_flag("--batch-size", args.batch_size, low=1)
+    if args.batch_size is not None:
+        _check_flag("--batch-size", args.batch_size, low=1)
     if args.pretrained is not None and args.text is None:
         raise ValueError(
             "--pretrained needs --text FILE: a Hugging Face directory has no validation split"
@@ -383,7 +384,9 @@ def _add_eval_parser(sub):
     _add_model_arguments(p)
     p.add_argument("--text", metavar="PATH", default=None,
                    help="evaluate on this text (a file, or a folder of .txt files)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=64, help="windows per forward")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward; None: as many as keep the largest activation "
+                   "under 32M numbers (one 1024-token window for GPT-2)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where to run")
     p.set_defaults(func=cmd_eval)
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinylm.backend import get_array_module
+from tinylm.data import eval_windows
 from tinylm.tokenizer import BPETokenizer, text_to_bytes
 
 
@@ -60,10 +62,11 @@ class TextScore:
         return self.nats / (math.log(2) * self.bytes)
 
 
-def evaluate_text(model, tokenizer, text: str, batch_size: int = 64, block_size=None):
+def evaluate_text(model, tokenizer, text: str, batch_size=None, block_size=None):
     """Score all of ``text`` as the module docstring lays it out: <|endoftext|> first, then
     non-overlapping windows of block_size tokens (default: the model's context,
-    model.config.block_size). Returns a TextScore."""
+    model.config.block_size), batch_size windows at a time (default: auto_batch_size).
+    Returns a TextScore."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a string, got {type(text).__name__}")
     ids = [tokenizer.eot_id, *tokenizer.encode(text)]
@@ -73,27 +76,48 @@ def evaluate_text(model, tokenizer, text: str, batch_size: int = 64, block_size=
     return evaluate_tokens(model, np.asarray(ids, dtype=np.int64), n_bytes, batch_size, block_size)
 
 
-def evaluate_tokens(model, ids, n_bytes: int, batch_size: int = 64, block_size=None):
+def evaluate_tokens(model, ids, n_bytes: int, batch_size=None, block_size=None):
     """Score the tokens ids[1:] of a 1-D token array, each from the tokens before it in its
     window (non-overlapping windows of block_size, default model.config.block_size);
-    ``n_bytes`` is the UTF-8 length of what ids[1:] spell (see utf8_length). Returns a
-    TextScore."""
-    from tinylm.training import evaluate  # the token-weighted mean loss over eval_windows
-
+    ``n_bytes`` is the UTF-8 length of what ids[1:] spell (see utf8_length). batch_size
+    windows go through the model at once (default: auto_batch_size). Returns a TextScore."""
     block_size = model.config.block_size if block_size is None else block_size
     if not 1 <= block_size <= model.config.block_size:
         raise ValueError(
             f"block_size must be in 1..{model.config.block_size} (the model's context), got "
             f"{block_size}"
         )
+    if batch_size is None:
+        batch_size = auto_batch_size(model.config, block_size)
     ids = model.xp.asarray(ids)
     n_targets = len(ids) - 1
     if n_targets < 1:
         raise ValueError(f"evaluation needs at least 2 tokens (one to predict), got {len(ids)}")
     if n_bytes < 1:
         raise ValueError(f"the predicted tokens must spell at least one byte, got {n_bytes}")
-    mean = evaluate(model, ids, block_size, batch_size)
-    return TextScore(tokens=n_targets, bytes=int(n_bytes), nats=mean * n_targets)
+    nats = 0.0
+    for x, y in eval_windows(ids, block_size, batch_size):  # (b, T) inputs and targets
+        nats += nll_sum(model.logits(x), y)
+    return TextScore(tokens=n_targets, bytes=int(n_bytes), nats=nats)
+
+
+def nll_sum(logits, targets) -> float:
+    """sum over positions of -ln softmax(logits)[target] = logsumexp(z) - z[target], where
+    z = logits - max(logits) keeps exp from overflowing. logits (b, T, V), targets (b, T)."""
+    xp = get_array_module(logits)
+    z = logits - logits.max(axis=-1, keepdims=True)  # (b, T, V), each row's max is 0
+    lse = xp.log(xp.exp(z).sum(axis=-1))  # (b, T)
+    picked = xp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]  # (b, T): z[target]
+    return float((lse - picked).astype(np.float64).sum())
+
+
+def auto_batch_size(config, block_size: int, budget: int = 2**25) -> int:
+    """Windows per forward so that the largest activation of a batch, b x T x max(V, 4C, H T)
+    numbers (the logits, the MLP's hidden layer, the attention scores), stays within
+    ``budget`` (32M numbers, 128 MB in float32); at least 1. GPT-2 small with T = 1024 gets 1
+    window at a time, a small character model hundreds."""
+    widest = max(config.vocab_size, 4 * config.n_embd, config.n_head * block_size)
+    return max(1, budget // (block_size * widest))
 
 
 def utf8_length(tokenizer, ids) -> int:

@@ -533,6 +533,22 @@ class GPT:
         dh = linear_back(dqkv.reshape(B, T, 3 * C), "attn.c_attn")
         return dx + ln_back(dh, "ln_1")
 
+    # -- inference --------------------------------------------------------------------------
+
+    def logits(self, idx):
+        """The logits (B, T, V) of idx with dropout off, keeping nothing for backward.
+
+        What evaluation needs: forward() keeps every layer's caches (for GPT-2 small and a
+        1024-token window, attention probabilities alone are 12 x 50 MB per sequence); this
+        keeps none, so only one layer's activations are alive at a time.
+        """
+        self._check_idx(idx)
+        was_training, self.training = self.training, False
+        try:
+            return self._forward_inference(idx)
+        finally:
+            self.training = was_training
+
     # -- generation -------------------------------------------------------------------------
 
     def _forward_inference(self, idx, kv_caches=None, pos0=0, last_only=False):
