@@ -5,13 +5,16 @@
       -> n_layer blocks, each (pre-LayerNorm, residual):
              x = x + attn(ln_1(x))                   causal multi-head self-attention
              x = x + mlp(ln_2(x))                    Linear(C, 4C) -> GELU -> Linear(4C, C)
-      -> logits = ln_f(x) @ wte^T                    (B, T, V), the output weights tied to wte
+      -> features = ln_f(x)                          (B, T, C), what ``features(idx)`` returns
+      -> logits = features @ wte^T                   (B, T, V), the output weights tied to wte
       -> loss = cross_entropy(logits, targets)
 
 The forward keeps every layer's cache; ``backward()`` walks the same path in reverse,
 calling each layer's backward with the gradient flowing in, and returns the gradient
-of the mean loss for every parameter. The parameters are one flat dict whose names and
-shapes are those of GPT-2's checkpoints (without the ``transformer.`` prefix).
+of the mean loss for every parameter (``backward_features(dfeatures)`` starts the same walk
+at the features, for a loss of your own on them). The parameters are one flat dict whose names
+and shapes are those of GPT-2's checkpoints (without the ``transformer.`` prefix), listed by
+``param_shapes(config)``.
 
 Shape legend: B batch, T time, C n_embd, V vocab_size, H n_head, D = C / H head size.
 """
