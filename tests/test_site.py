@@ -5,7 +5,7 @@ Builds the site as CI does (`mkdocs build --strict` into a temporary folder), se
 host refused (the site must work offline), and fails on what a reader would see as broken:
 
 - raw TeX left in the text (`$$`, `\\frac`, `\\[`, `\\(`, or `$...\\command...$`), i.e. math
-  that MathJax did not typeset, or MathJax not finishing at all;
+  that MathJax did not typeset, a formula MathJax could not parse, or MathJax not finishing;
 - an image that does not load;
 - a JavaScript error (an uncaught exception or a console error, a failed request included);
 - a request to another host (a CDN, web fonts);
@@ -109,6 +109,12 @@ async () => {
         break;
       }
     }
+  }
+  // Formulas MathJax could not parse (an unknown macro, a missing brace) are drawn as red
+  // text inside <mjx-merror> rather than raising: count them as raw TeX too.
+  for (const err of document.querySelectorAll("mjx-merror")) {
+    const tex = err.getAttribute("data-mjx-error") || err.textContent;
+    out.rawTex.push(`TeX error: ${tex.slice(0, 80)}`);
   }
   // Images: load the lazy ones too, then ask each whether it decoded.
   for (const img of document.images) {

@@ -23,6 +23,9 @@ window.MathJax = {
     displayMath: [["\\[", "\\]"], ["$$", "$$"]],
     processEscapes: true,
     processEnvironments: true,
+    // An unknown macro is an error (a red box saying "Undefined control sequence"), which the
+    // browser test finds, rather than its name quietly printed in red inside the formula.
+    packages: { "[-]": ["noundefined"] },
   },
   options: {
     ignoreHtmlClass: "tex2jax_ignore|mathjax_ignore",
