@@ -342,6 +342,9 @@ def test_export_never_writes_over_anything(capsys, bpe_run, tmp_path):
     fails(capsys, ["export", bpe_run, "--to", a_file], "already exists")
     assert a_file.read_text() == "mine"
     fails(capsys, ["export", tmp_path / "no-run", "--to", tmp_path / "x"], "no-run")
+    fails(capsys, ["export", bpe_run, "--to", bpe_run / "checkpoint" / "hf"],
+          "is inside the checkpoint directory")  # fmt: skip
+    assert load_checkpoint(bpe_run).step == 3  # the checkpoint is as it was
     assert not (tmp_path / "x").exists()
     assert cli.main(["export", str(bpe_run)]) == 2  # --to is required
     assert "--to" in capsys.readouterr().err

@@ -401,7 +401,7 @@ def cmd_export(args) -> int:
     into place; an existing non-empty directory is refused, never written into)."""
     from pathlib import Path
 
-    from tinylm.checkpoint import load_checkpoint
+    from tinylm.checkpoint import is_tinylm_checkpoint, load_checkpoint
     from tinylm.hf.gpt2 import gpt2_tokenizer_or_reason, save_gpt2
 
     out = Path(args.to)
@@ -409,6 +409,12 @@ def cmd_export(args) -> int:
         raise ValueError(
             f"--to {str(out)!r} already exists and is not an empty directory; tinylm export "
             "writes a new directory and never writes over existing files"
+        )
+    inside = [p for p in out.resolve().parents if is_tinylm_checkpoint(p)]
+    if inside:
+        raise ValueError(
+            f"--to {str(out)!r} is inside the checkpoint directory {str(inside[0])!r}, which "
+            "holds only a checkpoint's files; choose a directory outside it"
         )
     ckpt = load_checkpoint(args.run_dir)
     if ckpt.model_type != "gpt":
