@@ -45,11 +45,12 @@ pytestmark = [
     pytest.mark.skipif(not (ROOT / "mkdocs.yml").is_file(), reason="no mkdocs.yml"),
     pytest.mark.skipif(_chromium() is None, reason="no Chromium (apt-get install chromium)"),
 ]
+pytest.importorskip("mkdocs")
+playwright = pytest.importorskip("playwright.sync_api")  # before the build, which takes a while
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    pytest.importorskip("mkdocs")
     site_dir = tmp_path_factory.mktemp("site")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
@@ -146,7 +147,6 @@ async () => {
 @pytest.fixture(scope="module")
 def reports(site, server):
     """{page path: list of problems} for every page of the site, read in one browser session."""
-    playwright = pytest.importorskip("playwright.sync_api")
     problems: dict[str, list[str]] = {}
     equations: dict[str, int] = {}
     with playwright.sync_playwright() as pw:
