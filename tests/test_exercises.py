@@ -327,3 +327,28 @@ def test_nan_in_an_answer_is_wrong_not_a_crash(tmp_path):
     r = by_function(exercises.check(tmp_path, verbose=False))["gelu_backward"]
     assert r.status == "wrong"
     assert r.max_rel_error == float("inf")
+
+
+def test_a_backward_that_updates_its_cache_in_place_is_graded_fairly():
+    # dz = P (no copy), then dz[...] -= 1, changes the cache's P. Without a forward of its own
+    # the student gets the checker's cache: it must be a copy, or the checker's reference
+    # answer, computed from that cache afterwards, would change and this correct one fail.
+    import numpy as np
+
+    def cross_entropy_backward(dloss, cache):
+        P, y, weight, logits_shape = cache
+        dz = P
+        dz[np.arange(len(y)), y] -= 1.0
+        dz *= (dloss * weight)[:, None]
+        return dz.reshape(logits_shape)
+
+    student = types.SimpleNamespace(cross_entropy_backward=cross_entropy_backward)
+    r = by_function(exercises.check(student, verbose=False))["cross_entropy_backward"]
+    assert r.status == "ok", r
+
+
+def test_a_return_value_that_is_not_an_array_is_an_error(tmp_path):
+    write_student_file(tmp_path, {**SOLUTIONS, "softmax_backward": '    return "dx"\n'})
+    r = by_function(exercises.check(tmp_path, verbose=False))["softmax_backward"]
+    assert r.status == "error"
+    assert r.diagnosis == "dx is not an array of numbers (str)"

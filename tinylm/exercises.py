@@ -159,12 +159,24 @@ def _student_line(err: BaseException, path) -> str:
     return f" line {frames[-1].lineno}" if frames else ""
 
 
+def _copy(obj):
+    """A copy of every array in obj (arrays, and tuples, lists and dicts of them)."""
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_copy(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    return obj
+
+
 def _call(student, name: str, *args):
-    """student.name(*args) on copies of the arrays, translating the ways it can fail."""
+    """student.name(*args), translating the ways it can fail. The arguments are copies, caches
+    included: an in-place update (dz = P; dz[...] -= 1) cannot change the checker's arrays."""
     fn = getattr(student, name, None)
     if not callable(fn):
         raise _Failed(f"the file defines no function {name}")
-    args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    args = [_copy(a) for a in args]
     try:
         return fn(*args)
     except NotImplementedError as err:
@@ -188,8 +200,15 @@ def _unpack(value, names: list[str], function: str) -> dict[str, np.ndarray]:
     for name, v in zip(names, values, strict=True):
         if v is None:
             raise _Failed(f"{name} is None")
-        out[name] = np.asarray(v, dtype=np.float64)
+        out[name] = _as_float64(name, v)
     return out
+
+
+def _as_float64(name, value) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise _Failed(f"{name} is not an array of numbers ({type(value).__name__})") from err
 
 
 # A mistake: its message, and either the wrong answer it gives ({name: array}, compared with
@@ -463,7 +482,7 @@ def _check_attention_forward(student, rng) -> ExerciseResult:
         value = _call(student, "attention_forward", q, k, v, True, pad)
         if not isinstance(value, (tuple, list)) or len(value) != 2:
             raise _Failed("attention_forward must return (out, cache)")
-        got = {"out": np.asarray(value[0], dtype=np.float64)}
+        got = {"out": _as_float64("out", value[0])}
         D = q.shape[-1]
         allowed = layers.attention_mask(Tq, Tk, True, pad)
         s = q @ k.swapaxes(-1, -2) / math.sqrt(D)
@@ -698,8 +717,8 @@ def _check_block(student, rng, ok_so_far: dict[str, bool]) -> ExerciseResult:
     missing = [n for n in BLOCK_PARAMS if n not in value[1]]
     if missing:
         raise _Failed(f"grads has no {', '.join(missing)}")
-    got = {"dx": np.asarray(value[0], dtype=np.float64)}
-    got.update({n: np.asarray(value[1][n], dtype=np.float64) for n in BLOCK_PARAMS})
+    got = {"dx": _as_float64("dx", value[0])}
+    got.update({n: _as_float64(n, value[1][n]) for n in BLOCK_PARAMS})
     ref_dx, ref_grads = reference_block_backward(dout, ref_cache)
     expected = {"dx": ref_dx, **ref_grads}
     numeric = {"dx": _numeric(lambda a: reference_block_forward(a, params, H)[0], x, dout)}
