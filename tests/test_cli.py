@@ -257,10 +257,16 @@ def test_python_m_tinylm_end_to_end(tmp_path, text_file):
     assert "step 3 of 3" in info and "wte.weight" in info and "metrics.jsonl" in info
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "eval", "export", "info", "gradcheck"])
+@pytest.mark.parametrize(
+    "command",
+    ["train", "sample", "eval", "export", "info", "gradcheck", "pretrain", "finetune",
+     "classify", "exercises"],
+)
 def test_help(capsys, command):
     assert cli.main([command, "--help"]) == 0
-    assert "default" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: tinylm {command}")
+    assert "default" in out or command == "exercises"  # exercises has actions, no settings
 
 
 def test_resume_given_the_checkpoint_directory_continues_the_run(tmp_path, run_dir):
@@ -290,3 +296,27 @@ def test_out_of_memory_is_one_line(capsys, monkeypatch, text_file):
 
     monkeypatch.setattr(sys.modules["tinylm.training"], "train", no_memory)
     fails(capsys, ["train", "--text", str(text_file), "--steps", "2"], "out of memory")
+
+
+# -- the commands that live next to their code (pretraining, finetuning, exercises) ---------------
+
+
+def test_exercises_start_then_check_through_the_cli(capsys, tmp_path):
+    assert cli.main(["exercises", "start", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "my_layers.py").is_file()
+    assert cli.main(["exercises", "check", str(tmp_path / "mine")]) == 1  # nothing written yet
+    out = capsys.readouterr().out
+    assert "linear_backward" in out and "not started" in out
+    fails(capsys, ["exercises", "start", str(tmp_path / "mine")], "my_layers.py")  # never replaced
+
+
+def test_finetune_and_classify_name_what_is_missing(capsys, tmp_path):
+    fails(capsys, ["classify", str(tmp_path / "nothing"), "--text", "hi"], "nothing")
+    fails(capsys, ["finetune", "--data", str(tmp_path / "no.csv"), "--from",
+                   str(tmp_path / "nothing"), "--out", str(tmp_path / "run")], "no.csv")
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_refuses_a_bad_flag_in_one_line(capsys, tmp_path):
+    fails(capsys, ["pretrain", "--steps", "0", "--out", str(tmp_path / "bert")], "steps")
+    assert not (tmp_path / "bert").exists()

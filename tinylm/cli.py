@@ -563,6 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_export_parser(sub)
     _add_info_parser(sub)
+    # The encoder family and the exercises keep their commands next to their code.
+    from tinylm.exercises import add_exercises_parser
+    from tinylm.finetuning import add_classify_parser, add_finetune_parser
+    from tinylm.pretraining import add_pretrain_parser
+
+    add_pretrain_parser(sub)
+    add_finetune_parser(sub)
+    add_classify_parser(sub)
+    add_exercises_parser(sub)
 
     p = sub.add_parser(
         "gradcheck",
