@@ -135,7 +135,8 @@ async () => {
     if (need > column.clientWidth + 1 || right > window.innerWidth) {
       const label = (box.nextElementSibling || box).textContent || "";
       out.tooWide.push(
-        `equation ${Math.round(need)} px in a ${column.clientWidth}-px column: ` +
+        `equation ${Math.round(need)} px wide (already set smaller) in a ` +
+        `${column.clientWidth}-px column; split it into lines (\\begin{aligned} ... \\\\ ...): ` +
         label.replace(/\s+/g, " ").slice(0, 80));
     }
   }
