@@ -185,18 +185,32 @@ def write_examples(examples: Examples, path) -> None:
     write_atomic(path, out.getvalue())
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random split of range(n): (train indices, validation indices), each non-empty."""
+def split_indices(n: int, val_fraction: float, seed: int,
+                  labels=None) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split of range(n): (train indices, validation indices), each non-empty.
+
+    With labels (one per example) the split is stratified: each class gives round(fraction x
+    its count) examples to validation, so both splits keep the classes' proportions.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    n_val = int(round(n * val_fraction))
-    if n < 2 or n_val < 1 or n_val >= n:
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        groups = [np.arange(n)]
+    else:
+        labels = np.asarray(labels)
+        groups = [np.flatnonzero(labels == c) for c in sorted(set(labels.tolist()))]
+    val = []
+    for group in groups:
+        order = rng.permutation(group)
+        val.append(order[: int(round(len(group) * val_fraction))])
+    val = np.sort(np.concatenate(val)).astype(np.int64)
+    if n < 2 or len(val) < 1 or len(val) >= n:
         raise ValueError(
             f"--val-fraction {val_fraction} of {n} examples leaves an empty training or "
             "validation split; give more examples or another fraction"
         )
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    return np.setdiff1d(np.arange(n), val), val
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,6 +258,7 @@ class GPTClassifier:
         self.params = dict(gpt.params)  # the same arrays: AdamW updates them in place
         self.params["score.weight"] = score
         self.dtype = gpt.dtype
+        self.dropout_rng = gpt.dropout_rng  # the GPT's stream (tinylm.gradcheck resets it)
         self._cache = None
 
     def train(self):
@@ -337,6 +352,14 @@ def classifier_for(model, tokenizer, num_labels: int, seed: int = 0, dropout=Non
 # Batches, evaluation, training
 
 
+def model_max_length(model, requested: int) -> int:
+    """The longest input the model reads, at most ``requested``: max_position_embeddings for a
+    BERT, block_size for a GPT."""
+    cfg = model.gpt.config if isinstance(model, GPTClassifier) else model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "block_size", None)
+    return min(requested, limit) if limit else requested
+
+
 def encode(tokenizer, examples: Examples, label_ids: dict, indices, max_length: int):
     """A batch of examples: int64 arrays idx, token_type_ids, attention_mask (B, T), right
     padded to the longest, truncated to max_length; and labels (B,)."""
@@ -363,6 +386,7 @@ def encode(tokenizer, examples: Examples, label_ids: dict, indices, max_length: 
 def evaluate(model, tokenizer, examples: Examples, label_ids: dict, max_length: int,
              batch_size: int = 64):
     """(mean loss, accuracy, predicted ids (N,), probabilities (N, K)) in eval mode."""
+    max_length = model_max_length(model, max_length)
     was_training = getattr(model, "training", getattr(getattr(model, "gpt", None), "training",
                                                       True))
     model.eval()
@@ -408,6 +432,7 @@ def train_classifier(model, tokenizer, train: Examples, val: Examples, labels: l
     val_loss, val_accuracy, seconds. on_eval(record) is called after each evaluation.
     """
     label_ids = {name: i for i, name in enumerate(labels)}
+    max_length = model_max_length(model, max_length)
     rng = np.random.default_rng(seed)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = epochs * steps_per_epoch
@@ -637,7 +662,7 @@ def finetune(data, init, out, *, text_columns=None, label_column="label", val_fr
     examples = data if isinstance(data, Examples) else read_examples(data, text_columns,
                                                                     label_column)
     labels = sorted(set(examples.labels))
-    train_rows, val_rows = split_indices(len(examples), val_fraction, seed)
+    train_rows, val_rows = split_indices(len(examples), val_fraction, seed, examples.labels)
     train, val = examples.subset(train_rows), examples.subset(val_rows)
     pretrained, tokenizer = load_pretrained(init)
     model = classifier_for(pretrained, tokenizer, len(labels), seed, dropout)
@@ -674,9 +699,6 @@ def finetune(data, init, out, *, text_columns=None, label_column="label", val_fr
     summary.update(finished=True, val_accuracy=accuracy, majority_accuracy=majority,
                    confusion_matrix=counts.tolist())
     write_json_atomic(run_dir / RUN_FILE, summary)
-    if not quiet:
-        print(f"validation accuracy {accuracy:.3f} (majority class {majority:.3f}); model in "
-              f"{run_dir / MODEL_DIR}")
     return FinetuneResult(run_dir, labels, history, accuracy, majority, counts)
 
 
@@ -748,7 +770,8 @@ def add_finetune_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous finetune run in --out")
-    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.add_argument("--quiet", action="store_true", help="print only the final line, not one "
+                   "line per evaluation")
     p.set_defaults(func=cmd_finetune)
     return p
 
@@ -757,7 +780,7 @@ def cmd_finetune(args) -> int:
     columns = None
     if args.text_columns is not None:
         columns = [c.strip() for c in args.text_columns.split(",")]
-    finetune(
+    result = finetune(
         args.data, args.init, args.out, text_columns=columns, label_column=args.label_column,
         val_fraction=args.val_fraction, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, schedule=args.schedule, warmup_fraction=args.warmup_fraction,
@@ -765,6 +788,9 @@ def cmd_finetune(args) -> int:
         seed=args.seed, evals_per_epoch=args.evals_per_epoch, overwrite=args.overwrite,
         quiet=args.quiet,
     )
+    print(f"validation accuracy {result.val_accuracy:.3f} (majority class "
+          f"{result.majority_accuracy:.3f}); model in {result.run_dir / MODEL_DIR}; try: "
+          f"tinylm classify {result.run_dir} --text \"...\"")
     return 0
 
 
