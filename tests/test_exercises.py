@@ -286,8 +286,11 @@ def test_a_file_that_cannot_be_imported_is_named(tmp_path):
     (tmp_path / "my_layers.py").write_text("def broken(:\n")
     with pytest.raises(ValueError, match=r"my_layers.py line 1: the file cannot be imported"):
         exercises.check(tmp_path)
-    with pytest.raises(FileNotFoundError, match="tinylm exercises start"):
-        exercises.check(tmp_path / "nowhere")
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as info:
+        exercises.check(nowhere)
+    expected = f"{nowhere / 'my_layers.py'} does not exist; `tinylm exercises start {nowhere}`"
+    assert str(info.value).startswith(expected)
 
 
 def _parse(argv):

@@ -117,7 +117,7 @@ def load(target) -> types.ModuleType:
     if not isinstance(target, (str, Path)):
         return target  # a module, or any object with the functions as attributes
     path = Path(target)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".py":  # a directory, existing or not, holds my_layers.py
         path = path / STUDENT_FILE
     if not path.is_file():
         raise FileNotFoundError(
