@@ -339,3 +339,68 @@ def test_train_restores_the_array_backend(text_file):
     before = get_backend()
     train(text=str(text_file), steps=2, **TINY)
     assert get_backend() == before
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_saved_its_first_checkpoint(
+    tmp_path, text_file, monkeypatch
+):
+    run = tmp_path / "run"
+    train(text=str(text_file), out=str(run), steps=10, **dict(TINY, sample_tokens=10))
+    old = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "samples.txt")}
+
+    # The new run fails at its first step (as an out-of-memory would): the old run is whole.
+    from tinylm.model import GPT
+
+    def out_of_memory(self):
+        raise MemoryError("Unable to allocate")
+
+    with monkeypatch.context() as m:
+        m.setattr(GPT, "backward", out_of_memory)
+        with pytest.raises(MemoryError):
+            train(text=str(text_file), out=str(run), steps=6, overwrite=True, **TINY)
+    assert {name: (run / name).read_bytes() for name in old} == old
+    assert load_checkpoint(run).step == 10
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".lock", "checkpoint", "loss.png", "metrics.jsonl", "samples.txt",
+    ]  # fmt: skip
+
+    # Before its first checkpoint, the new run's records have their own names.
+    seen = {}
+    from tinylm import training
+
+    plot = training.plot_losses
+
+    def look(history, path):  # the first evaluation, before the first checkpoint
+        seen.setdefault("files", sorted(p.name for p in run.iterdir()))
+        seen.setdefault("metrics", (run / "metrics.jsonl").read_bytes())
+        return plot(history, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(training, "plot_losses", look)
+        train(text=str(text_file), out=str(run), steps=6, overwrite=True, **TINY)
+    assert "metrics.new.jsonl" in seen["files"] and seen["metrics"] == old["metrics.jsonl"]
+    assert load_checkpoint(run).step == 6
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [5, 6]
+    assert (run / "samples.txt").read_text(encoding="utf-8") == ""  # sample_tokens=0 now
+    assert not [p for p in run.iterdir() if ".new." in p.name]
+
+
+def test_a_crash_between_the_first_checkpoint_and_the_renames_is_finished_on_resume(
+    tmp_path, text_file, monkeypatch
+):
+    run = tmp_path / "run"
+    train(text=str(text_file), out=str(run), steps=5, **TINY)
+    from tinylm import training
+
+    with monkeypatch.context() as m:
+        m.setattr(training, "_promote", lambda run_dir: (_ for _ in ()).throw(OSError("crash")))
+        with pytest.raises(OSError, match="crash"):
+            train(text=str(text_file), out=str(run), steps=10, lr=5e-3, overwrite=True, **TINY)
+    # The new run's first checkpoint (step 5) is in place; its files still have staged names.
+    assert load_checkpoint(run).train_config["lr"] == 5e-3
+    assert (run / "metrics.new.jsonl").exists()
+    train(resume=str(run), verbose=False, progress=False)
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [5, 10]
+    assert records[0]["lr"] == pytest.approx(5e-3 * 5 / 10)  # the new run's warmup (old: 1e-3)
+    assert not (run / "metrics.new.jsonl").exists()

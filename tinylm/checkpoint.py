@@ -316,18 +316,25 @@ def has_checkpoint(run_dir) -> bool:
     )
 
 
-def remove_checkpoint(run_dir) -> None:
-    """Delete the checkpoint of ``run_dir`` and anything a crashed save left next to it: only
-    what tinylm can prove it wrote. A ``checkpoint/`` that holds anything else is refused with
-    a ValueError listing what it holds, and nothing is deleted."""
-    run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT_NAME
+def check_removable(run_dir) -> None:
+    """Raise ValueError, listing what it holds, if ``run_dir/checkpoint`` exists but is not a
+    checkpoint that tinylm wrote (so tinylm must not delete or replace it)."""
+    path = Path(run_dir) / CHECKPOINT_NAME
     if path.exists() and not is_tinylm_checkpoint(path, partial=True):
         held = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
         raise ValueError(
             f"{str(path)!r} was not written by tinylm (it holds {', '.join(held[:10]) or 'nothing'}"
             f"{' ...' if len(held) > 10 else ''}); move it away, tinylm deletes only its own files"
         )
+
+
+def remove_checkpoint(run_dir) -> None:
+    """Delete the checkpoint of ``run_dir`` and anything a crashed save left next to it: only
+    what tinylm can prove it wrote. A ``checkpoint/`` that holds anything else is refused with
+    a ValueError listing what it holds, and nothing is deleted."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT_NAME
+    check_removable(run_dir)
     for p in [*_leftovers(path, "tmp"), *_leftovers(path, "old")]:
         shutil.rmtree(p, ignore_errors=True)
     if path.exists():

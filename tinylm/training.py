@@ -81,6 +81,14 @@ from tinylm.tokenizer import BPETokenizer, CharTokenizer
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 SAMPLES_FILE = "samples.txt"
+RUN_FILES = (SAMPLES_FILE, PLOT_FILE, METRICS_FILE)  # metrics last: see _Loop._promote
+
+
+def staged_name(name: str) -> str:
+    """Where a run started with overwrite writes ``name`` until its first checkpoint is saved:
+    metrics.jsonl -> metrics.new.jsonl (the old run stays whole until then)."""
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}.new{dot}{suffix}"
 LOCK_FILE = ".lock"  # held while a process writes the run (run_directory_lock)
 
 
@@ -817,11 +825,22 @@ class _Loop:
         self.metrics = {}  # of the last evaluation
         self.interval_time = self.train_seconds = self.eval_seconds = 0.0
         self.guard = _DeferInterrupts()
+        self.staged = False  # writing the staged names (see staged_name)
         self.history_before = self._prepare_files(ckpt, state)
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except BaseException:
+            if self.staged and self.saved_step is None:
+                # Stopped before its first checkpoint: the old run stays as it was.
+                for name in RUN_FILES:
+                    (self.run_dir / staged_name(name)).unlink(missing_ok=True)
+            raise
+
+    def _run(self) -> TrainResult:
         from tqdm import tqdm
 
         show_bar = sys.stdout.isatty() if self.cfg.progress is None else self.cfg.progress
@@ -938,10 +957,10 @@ class _Loop:
             if self.cfg.verbose:
                 self.bar.write(format_record(record), file=sys.stdout)
             if self.run_dir is not None:
-                plot_losses(self.history_before + self.history, self.run_dir / PLOT_FILE)
+                plot_losses(self.history_before + self.history, self._path(PLOT_FILE))
                 text = self.task.sample(self.model, self.step)
                 if text is not None:
-                    with open(self.run_dir / SAMPLES_FILE, "a", encoding="utf-8",
+                    with open(self._path(SAMPLES_FILE), "a", encoding="utf-8",
                               errors="replace") as f:  # fmt: skip
                         f.write(f"=== step {self.step} ===\n{text}\n\n")
         self.logged_step, self.mark = self.step, None
@@ -972,11 +991,23 @@ class _Loop:
             return []
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.run_dir / METRICS_FILE
+        if ckpt is None and self.cfg.overwrite and ckpt_io.has_checkpoint(self.run_dir):
+            # Replace the old run only once the new one has its first checkpoint: until then
+            # the new files have staged names, and the old checkpoint stays.
+            ckpt_io.check_removable(self.run_dir)
+            self.staged = True
+            for name in (METRICS_FILE, SAMPLES_FILE):
+                write_atomic(self._path(name), "")
+            self._path(PLOT_FILE).unlink(missing_ok=True)
+            return []
         if ckpt is None:  # a new run (an existing one was refused unless overwrite)
-            for name in (METRICS_FILE, SAMPLES_FILE, PLOT_FILE):
+            for name in RUN_FILES:
                 (self.run_dir / name).unlink(missing_ok=True)
+                (self.run_dir / staged_name(name)).unlink(missing_ok=True)
             ckpt_io.remove_checkpoint(self.run_dir)
             return []
+        if state.get("staged") and (self.run_dir / staged_name(METRICS_FILE)).exists():
+            _promote(self.run_dir)  # a crash between the first checkpoint and its promotion
         history = read_metrics(self.run_dir) if metrics.exists() else []
         # Records written after the checkpoint (a crash before the next save) are dropped: the
         # resumed run writes them again.
@@ -990,14 +1021,17 @@ class _Loop:
                 f.truncate(size)
         return history
 
+    def _path(self, name: str) -> Path:
+        return self.run_dir / (staged_name(name) if self.staged else name)
+
     def _samples_size(self) -> int:
-        path = None if self.run_dir is None else self.run_dir / SAMPLES_FILE
+        path = None if self.run_dir is None else self._path(SAMPLES_FILE)
         return path.stat().st_size if path is not None and path.is_file() else 0
 
     def _append_record(self, record):
         self.history.append(record)
         if self.run_dir is not None:
-            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            with open(self._path(METRICS_FILE), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     def save(self):
@@ -1017,7 +1051,10 @@ class _Loop:
             "pending_losses": losses,
             "log_due": self._log_due(),
             "samples_bytes": samples_bytes,
+            "staged": self.staged,
         }
+        if self.staged:  # every staged file exists when the checkpoint that owns them is saved
+            plot_losses(self.history_before + self.history, self._path(PLOT_FILE))
         try:
             ckpt_io.save_checkpoint(
                 self.run_dir / ckpt_io.CHECKPOINT_NAME,
@@ -1042,9 +1079,21 @@ class _Loop:
                 f"({err.strerror or err}); {before}"
             ) from err
         self.saved_step = self.step
+        if self.staged:  # the new run's first checkpoint replaced the old one: now its files
+            _promote(self.run_dir)
+            self.staged = False
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.perf_counter() - self.t0
+
+
+def _promote(run_dir: Path) -> None:
+    """Rename the staged files of a run started with overwrite over the old run's, metrics.jsonl
+    last: while metrics.new.jsonl exists the promotion is unfinished, and a resume finishes it."""
+    for name in RUN_FILES:
+        staged = run_dir / staged_name(name)
+        if staged.exists():
+            os.replace(staged, run_dir / name)
 
 
 def _check_norm(norm, step: int) -> None:
@@ -1121,6 +1170,7 @@ def plot_losses(history: list[dict], path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
