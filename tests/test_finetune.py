@@ -230,6 +230,28 @@ def test_finetune_never_writes_into_a_users_directory(bert_dir, tmp_path):
     assert not (tmp_path / "other").exists()  # nothing made before the inputs were good
 
 
+def test_finetune_from_a_tinylm_pretraining_run(tok, tmp_path):
+    """A `tinylm pretrain` run (its checkpoint holds a Bert and a WordPiece tokenizer) is a
+    starting point like a Hugging Face directory, given as the run or as its checkpoint."""
+    from tinylm.checkpoint import save_checkpoint
+    from tinylm.optim import AdamW
+
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=24,
+                        nsp_head=False)
+    bert = Bert(config, seed=0)
+    save_checkpoint(tmp_path / "pre" / "checkpoint", model=bert, optimizer=AdamW(bert.params),
+                    tokenizer=tok, step=0, batch_rng=np.random.default_rng(0))
+    data = tmp_path / "toy.csv"
+    write_examples(toy_examples(), data)
+    for i, init in enumerate((tmp_path / "pre", tmp_path / "pre" / "checkpoint")):
+        result = run_finetune(data, init, tmp_path / f"run{i}")
+        assert result.val_accuracy >= 0.9
+        saved = Bert.from_pretrained(tmp_path / f"run{i}" / "model")
+        assert saved.params["bert.embeddings.word_embeddings.weight"].shape == (tok.vocab_size,
+                                                                                 16)
+
+
 def parser():
     p = argparse.ArgumentParser(prog="tinylm")
     sub = p.add_subparsers(dest="command", required=True)

@@ -304,12 +304,9 @@ def load_pretrained(init, dtype=np.float32):
     path = model_directory(Path(init))
     if not path.exists():
         raise FileNotFoundError(f"--from {str(path)!r} does not exist")
-    config = path / "config.json"
-    model_type = None
-    if config.is_file():
-        from tinylm.files import read_json_object
+    from tinylm.pipelines import _model_type
 
-        model_type = read_json_object(config, "model config").get("model_type")
+    model_type = _model_type(path)  # None for a tinylm run or checkpoint
     if model_type == "bert":
         from tinylm.hf.bert import load_bert
 

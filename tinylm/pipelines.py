@@ -175,17 +175,18 @@ def _load_bert(model, tokenizer, dtype, task):
 
 
 def _model_type(path: Path):
-    """The model_type of a Hugging Face directory's config.json; None for anything else."""
+    """The model_type of a Hugging Face directory's config.json; None for anything else (a
+    tinylm checkpoint's config.json names its model_type too, but also its "format")."""
     config = path / "config.json"
     if not config.is_file():
         return None
-    return read_json_object(config, "model config").get("model_type")
+    hf = read_json_object(config, "model config")
+    return None if "format" in hf else hf.get("model_type")
 
 
 def _is_hugging_face_directory(path: Path) -> bool:
     """A Hugging Face directory's config.json names a model_type; a tinylm checkpoint's does not."""
-    config = path / "config.json"
-    return config.is_file() and "model_type" in read_json_object(config, "model config")
+    return _model_type(path) is not None
 
 
 class TextGenerationPipeline:
