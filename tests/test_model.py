@@ -213,7 +213,9 @@ def reference_logits(params, cfg, idx):
                 for t in range(T)
             ]
         )
-    x = P["wte.weight"][idx] + pos  # [B, T, C]
+    # The original Transformer scales the tokens by sqrt(C) next to its fixed sinusoids.
+    token_scale = math.sqrt(Cc) if cfg.positions == "sinusoidal" else 1.0
+    x = token_scale * P["wte.weight"][idx] + pos  # [B, T, C]
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
     for i in range(cfg.n_layer):
         h = f"h.{i}."
@@ -492,6 +494,8 @@ def test_backward_needs_a_forward_with_targets():
             "GPTConfig.positions must be 'learned' or 'sinusoidal', got 'rotary'",
         ),
         (dict(layer_norm_epsilon=0.0), "GPTConfig.layer_norm_epsilon must be positive, got 0.0"),
+        (dict(embedding_scale=0.0), "GPTConfig.embedding_scale must be a positive number"),
+        (dict(embedding_scale=math.inf), "GPTConfig.embedding_scale must be a positive number"),
     ],
 )
 def test_config_rejects_bad_fields(overrides, message):
@@ -661,3 +665,31 @@ def test_backward_features_checks_its_input():
         model.backward_features(np.zeros((1, 3, V)))
     with pytest.raises(RuntimeError, match=r"backward\(\) needs a forward\(idx, targets\)"):
         model.backward()  # features() computed no loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Token embeddings scaled by sqrt(C) next to sinusoidal positions
+
+
+def test_embedding_scale_defaults_to_sqrt_c_for_sinusoidal_positions_only():
+    assert tiny_config(positions="learned").embedding_scale == 1.0
+    sinusoidal = tiny_config(positions="sinusoidal")
+    assert sinusoidal.embedding_scale == math.sqrt(sinusoidal.n_embd)
+    assert tiny_config(positions="sinusoidal", embedding_scale=1.0).embedding_scale == 1.0
+    assert GPTConfig(**sinusoidal.to_dict()) == sinusoidal  # saved resolved, read back the same
+
+
+def test_sinusoidal_forward_scales_the_tokens_not_the_positions():
+    # x = s * wte[idx] + PE, written out. The backward of the scale (dwte = s * scatter(dx)) is
+    # checked against central differences by test_check_model_every_parameter's sinusoidal
+    # case and by gradcheck.model_checks, whose sinusoidal models now carry s = sqrt(C).
+    from tinylm import layers
+
+    model = random_model(seed=3, positions="sinusoidal")
+    C, T = model.config.n_embd, 4
+    idx = np.array([[1, 2, 2, 0]])
+    x = model._embed(idx, 0, {})
+    pe = layers.sinusoidal_positions(model.config.block_size, C)[:T]
+    assert np.allclose(x[0], math.sqrt(C) * model.params["wte.weight"][idx[0]] + pe, atol=1e-12)
+    unscaled = random_model(seed=3, positions="sinusoidal", embedding_scale=1.0)._embed(idx, 0, {})
+    assert np.allclose(unscaled[0], model.params["wte.weight"][idx[0]] + pe, atol=1e-12)

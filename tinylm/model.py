@@ -51,6 +51,10 @@ class GPTConfig:
     positions: str = "learned"  # "learned" (GPT-2's wpe) or "sinusoidal" (fixed, no parameters)
     tie_weights: bool = True  # logits = ln_f(x) @ wte^T, the output layer shares the embedding
     layer_norm_epsilon: float = 1e-5
+    # The token embeddings are multiplied by this before the positions are added. None picks
+    # sqrt(n_embd) for sinusoidal positions, as the original Transformer does (the fixed table
+    # has entries of size ~1, the 0.02-scale token vectors would drown in it), and 1 otherwise.
+    embedding_scale: float | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -81,6 +85,15 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}"
             )
+        if self.embedding_scale is None:
+            self.embedding_scale = math.sqrt(self.n_embd) if self.positions == "sinusoidal" else 1.0
+        value = self.embedding_scale
+        if (isinstance(value, bool) or not isinstance(value, (int, float, np.floating))
+                or not 0 < value < math.inf):
+            raise ValueError(
+                f"GPTConfig.embedding_scale must be a positive number or None, got {value!r}"
+            )
+        self.embedding_scale = float(value)  # a Python float keeps float32 math in float32
 
     @property
     def head_size(self) -> int:
@@ -291,12 +304,14 @@ class GPT:
         return out
 
     def _embed(self, idx, pos0, caches):
-        """x = wte[idx] + position(pos0 .. pos0+T-1)   (B, T, C)."""
+        """x = s * wte[idx] + position(pos0 .. pos0+T-1)   (B, T, C), s = embedding_scale."""
         xp = get_array_module(self.params["wte.weight"])
         T = idx.shape[1]
         x, cache = layers.embedding_forward(idx, self.params["wte.weight"])  # (B, T, C)
         if caches is not None:
             caches["wte"] = cache
+        if self.config.embedding_scale != 1.0:  # sinusoidal positions: tokens times sqrt(C)
+            x = x * self.config.embedding_scale
         pos = xp.arange(pos0, pos0 + T)  # (T,)
         if self.config.positions == "learned":
             x_pos, cache = layers.embedding_forward(pos, self.params["wpe.weight"])  # (T, C)
@@ -485,7 +500,9 @@ class GPT:
             dx = self._block_backward(dx, i, caches[i], grads)
 
         dx = layers.dropout_backward(dx, caches["drop_emb"])  # (B, T, C)
-        grads["wte.weight"] = layers.embedding_backward(dx, caches["wte"])
+        # x = s * wte[idx] + pos: the token path carries the factor s back (s = 1 by default)
+        dx_tok = dx * cfg.embedding_scale if cfg.embedding_scale != 1.0 else dx
+        grads["wte.weight"] = layers.embedding_backward(dx_tok, caches["wte"])
         if cfg.positions == "learned":
             # x_pos (T, C) was broadcast over the batch: its gradient sums over B.
             grads["wpe.weight"] = layers.embedding_backward(dx.sum(axis=0), caches["wpe"])

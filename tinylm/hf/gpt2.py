@@ -125,6 +125,11 @@ def config_to_hf(config: GPTConfig, eot_id: int | None = None) -> dict:
         raise ValueError(
             "GPT-2 has biases in every linear layer and LayerNorm; this model has none"
         )
+    if config.embedding_scale != 1.0:
+        raise ValueError(
+            f"GPT-2 adds its token embeddings unscaled; this model multiplies them by "
+            f"embedding_scale={config.embedding_scale:g}"
+        )
     eot_id = config.vocab_size - 1 if eot_id is None else int(eot_id)
     return {
         "model_type": "gpt2",
