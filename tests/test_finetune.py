@@ -365,3 +365,59 @@ def test_oracle_transformers_loads_the_fine_tuned_model(bert_dir, tmp_path):
     for row, record in zip(theirs, ours, strict=True):
         assert np.abs(row - np.array(list(record["probabilities"].values()))).max() < 1e-5
         assert hf.config.id2label[int(row.argmax())] == record["label"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A GPT fine-tuned the same way (its last real token pooled)
+
+
+@pytest.fixture(scope="module")
+def gpt_dir(tmp_path_factory):
+    """A small GPT-2 directory (random weights) with a byte-level BPE of the toy words."""
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.tokenizer import BPETokenizer
+
+    if not hasattr(GPT, "backward_features"):
+        pytest.skip("GPT.features / backward_features are not in this tinylm yet")
+    bpe = BPETokenizer.train(" ".join(toy_examples(200).texts), vocab_size=256 + 40 + 1)
+    gpt = GPT(GPTConfig(vocab_size=bpe.vocab_size, block_size=48, n_layer=1, n_head=2,
+                        n_embd=16), seed=0)
+    path = tmp_path_factory.mktemp("ft") / "gpt2"
+    gpt.save_pretrained(path, bpe)
+    return path
+
+
+def test_finetune_a_gpt_and_classify_with_it(gpt_dir, tmp_path):
+    data = tmp_path / "toy.csv"
+    write_examples(toy_examples(), data)
+    result = run_finetune(data, gpt_dir, tmp_path / "run", max_length=48)
+    assert result.val_accuracy >= 0.8 > result.majority_accuracy
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["GPT2ForSequenceClassification"]
+    assert config["id2label"] == {"0": "animal", "1": "thing"}
+    summary = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert summary["family"] == "gpt2"
+    out = classify(tmp_path / "run", ["the big dog is near", "a red lamp and a book"])
+    assert [r["label"] for r in out] == ["animal", "thing"]
+
+
+def test_oracle_transformers_loads_the_fine_tuned_gpt(gpt_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    from tinylm.finetuning import gpt_batch, load_gpt_classifier
+
+    data = tmp_path / "toy.csv"
+    write_examples(toy_examples(80), data)
+    run_finetune(data, gpt_dir, tmp_path / "run", epochs=2, max_length=48)
+    path = tmp_path / "run" / "model"
+    hf = transformers.GPT2ForSequenceClassification.from_pretrained(path).eval()
+    model, bpe, labels = load_gpt_classifier(path)
+    texts = ["the big dog is near", "a lamp", "very old fish and a red door"]
+    idx, mask = gpt_batch(bpe, texts)  # right-padded with <|endoftext|>, the pad token
+    with torch.no_grad():
+        theirs = hf(torch.tensor(idx), attention_mask=torch.tensor(mask)).logits.numpy()
+    ours, _ = model.eval().classify(idx, None, mask)
+    assert np.abs(ours - theirs).max() < 1e-5
+    records = classify(tmp_path / "run", texts)
+    assert [r["label"] for r in records] == [labels[j] for j in theirs.argmax(1)]

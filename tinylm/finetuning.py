@@ -261,6 +261,15 @@ class GPTClassifier:
         self.dropout_rng = gpt.dropout_rng  # the GPT's stream (tinylm.gradcheck resets it)
         self._cache = None
 
+    @property
+    def config(self):
+        """The GPT's config (the head's size is num_labels)."""
+        return self.gpt.config
+
+    @property
+    def training(self) -> bool:
+        return self.gpt.training
+
     def train(self):
         self.gpt.train()
         return self
@@ -357,6 +366,23 @@ def model_max_length(model, requested: int) -> int:
     return min(requested, limit) if limit else requested
 
 
+def gpt_batch(tokenizer, texts, pairs=None, max_length: int = 1024):
+    """A GPT's batch: each text's BPE tokens (a pair joined by a newline), the last max_length
+    kept, right-padded with <|endoftext|>; returns idx and attention_mask (B, T) int64. An
+    empty text becomes one <|endoftext|>."""
+    rows = []
+    for i, t in enumerate(texts):
+        ids = tokenizer.encode(t if pairs is None else t + "\n" + pairs[i])
+        rows.append((ids or [tokenizer.eot_id])[-max_length:])
+    T = max(len(r) for r in rows)
+    idx = np.full((len(rows), T), tokenizer.eot_id, dtype=np.int64)
+    mask = np.zeros((len(rows), T), dtype=np.int64)
+    for i, r in enumerate(rows):
+        idx[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return idx, mask
+
+
 def encode(tokenizer, examples: Examples, label_ids: dict, indices, max_length: int):
     """A batch of examples: int64 arrays idx, token_type_ids, attention_mask (B, T), right
     padded to the longest, truncated to max_length; and labels (B,)."""
@@ -364,17 +390,8 @@ def encode(tokenizer, examples: Examples, label_ids: dict, indices, max_length: 
     if hasattr(tokenizer, "encode_batch"):  # WordPiece: [CLS] a [SEP] (b [SEP])
         enc = tokenizer.encode_batch(sub.texts, sub.pairs, max_length=max_length, truncation=True)
         idx, types, mask = enc["input_ids"], enc["token_type_ids"], enc["attention_mask"]
-    else:  # a GPT's BPE: the text (and the pair after it), the last max_length tokens kept
-        rows = []
-        for i, t in enumerate(sub.texts):
-            ids = tokenizer.encode(t if sub.pairs is None else t + "\n" + sub.pairs[i])
-            rows.append((ids or [tokenizer.eot_id])[-max_length:])
-        T = max(len(r) for r in rows)
-        idx = np.full((len(rows), T), tokenizer.eot_id, dtype=np.int64)
-        mask = np.zeros((len(rows), T), dtype=np.int64)
-        for i, r in enumerate(rows):
-            idx[i, : len(r)] = r
-            mask[i, : len(r)] = 1
+    else:
+        idx, mask = gpt_batch(tokenizer, sub.texts, sub.pairs, max_length)
         types = np.zeros_like(idx)
     labels = np.array([label_ids[y] for y in sub.labels], dtype=np.int64)
     return idx, types, mask, labels
@@ -384,8 +401,7 @@ def evaluate(model, tokenizer, examples: Examples, label_ids: dict, max_length: 
              batch_size: int = 64):
     """(mean loss, accuracy, predicted ids (N,), probabilities (N, K)) in eval mode."""
     max_length = model_max_length(model, max_length)
-    was_training = getattr(model, "training", getattr(getattr(model, "gpt", None), "training",
-                                                      True))
+    was_training = model.training
     model.eval()
     total, preds, probs = 0.0, [], []
     for i in range(0, len(examples), batch_size):
@@ -706,8 +722,58 @@ def _family(model) -> str:
 def _save_model(model, tokenizer, labels, path):
     if isinstance(model, Bert):
         model.save_pretrained(path, tokenizer, id2label=labels)
-        return
-    raise ValueError("saving a fine-tuned GPT classifier is not supported yet")
+    else:
+        save_gpt_classifier(model, path, tokenizer, labels)
+
+
+def save_gpt_classifier(model: GPTClassifier, path, tokenizer, labels) -> Path:
+    """Write a GPTClassifier as a Hugging Face GPT2ForSequenceClassification directory:
+    GPT-2's config.json (with id2label, and pad_token_id = <|endoftext|>, which transformers
+    uses to find each row's last real token), the GPT's tensors under ``transformer.`` and
+    ``score.weight`` (the language-model head is not part of a classifier), the tokenizer."""
+    from tinylm.hf.bert import check_labels
+    from tinylm.hf.common import write_pretrained
+    from tinylm.hf.gpt2 import config_to_hf, gpt2_tokenizer_or_reason, params_to_hf
+
+    tok, reason = gpt2_tokenizer_or_reason(tokenizer)
+    if tok is None:
+        raise ValueError(f"cannot save the GPT classifier as a GPT-2 directory: {reason}")
+    names = check_labels(labels, model.num_labels)
+    config = config_to_hf(model.gpt.config, tok.eot_id)
+    config.update(
+        architectures=["GPT2ForSequenceClassification"], pad_token_id=tok.eot_id,
+        tie_word_embeddings=True,  # no output layer to tie or not
+        id2label={str(i): n for i, n in enumerate(names)},
+        label2id={n: i for i, n in enumerate(names)},
+    )
+    gpt_params = {k: v for k, v in model.gpt.params.items() if k != "lm_head.weight"}
+    tensors = params_to_hf(gpt_params)
+    tensors["score.weight"] = np.ascontiguousarray(np.asarray(model.params["score.weight"]))
+    return write_pretrained(path, config, tensors, tok.pretrained_files())
+
+
+def load_gpt_classifier(path, dtype=np.float32):
+    """(GPTClassifier, BPETokenizer, class names) of a GPT2ForSequenceClassification
+    directory; ValueError naming the file when it has no ``score.weight``."""
+    from tinylm.hf.bert import read_labels
+    from tinylm.hf.common import CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
+    from tinylm.hf.gpt2 import config_from_hf, load_tokenizer, params_from_hf
+    from tinylm.model import GPT
+
+    path = Path(path)
+    hf = read_config(path, ("gpt2",))
+    tensors = read_weights(path, dtype)
+    score = tensors.pop("score.weight", None)
+    if score is None:
+        raise ValueError(
+            f"{str(path / WEIGHTS_NAME)!r} has no score.weight: not a "
+            "GPT2ForSequenceClassification (text-classification needs a classifier)"
+        )
+    config = replace(config_from_hf(hf, path / CONFIG_NAME), tie_weights=True)
+    gpt = GPT(config, dtype=dtype, params=params_from_hf(tensors, config, path / WEIGHTS_NAME))
+    model = GPTClassifier(gpt, score.shape[0])
+    model.params["score.weight"] = np.ascontiguousarray(score, dtype=dtype)
+    return model, load_tokenizer(path), read_labels(path)
 
 
 def classify(run_or_dir, texts, text_pairs=None, batch_size=32):
@@ -719,7 +785,7 @@ def classify(run_or_dir, texts, text_pairs=None, batch_size=32):
         raise TypeError("texts must be a list of strings; wrap one text as [text]")
     clf = pipeline("text-classification", model=run_or_dir)
     probs = clf.probabilities(list(texts), text_pairs, batch_size=batch_size,
-                              max_length=clf.model.config.max_position_embeddings)
+                              max_length=model_max_length(clf.model, 1 << 30))
     out = []
     for row in probs:
         best = int(row.argmax())

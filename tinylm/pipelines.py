@@ -85,6 +85,13 @@ def pipeline(task: str, model, tokenizer=None, dtype=None):
         bert, tok, _ = _load_bert(model, tokenizer, dtype, task)
         return FeatureExtractionPipeline(bert, tok)
     if task == "text-classification":
+        if isinstance(model, (str, Path)):
+            from tinylm.finetuning import load_gpt_classifier, model_directory
+
+            path = model_directory(Path(model))
+            if _model_type(path) == "gpt2":
+                gpt, tok, labels = load_gpt_classifier(path, dtype or np.float32)
+                return TextClassificationPipeline(gpt, tokenizer or tok, labels)
         bert, tok, labels = _load_bert(model, tokenizer, dtype, task)
         return TextClassificationPipeline(bert, tok, labels)
     raise ValueError(f"unknown task {task!r}; tinylm's pipeline has {', '.join(TASKS)}")
@@ -414,8 +421,13 @@ class TextClassificationPipeline:
     """
 
     def __init__(self, model, tokenizer, labels=None):
+        from tinylm.finetuning import GPTClassifier
         from tinylm.hf.bert import check_labels
 
+        if isinstance(model, GPTClassifier):  # GPT-2 with a head on its last real token
+            self.model, self.tokenizer = model.eval(), tokenizer
+            self.labels = check_labels(labels, model.num_labels)
+            return
         if not model.config.num_labels:
             raise ValueError(
                 "text-classification needs a BERT with a classifier (classifier.*: a "
@@ -436,8 +448,17 @@ class TextClassificationPipeline:
         _check_count("batch_size", batch_size, minimum=1)
         texts = [_check_text(t) for t in texts]
         pairs = None if text_pairs is None else [_check_text(t) for t in text_pairs]
+        from tinylm.finetuning import GPTClassifier, gpt_batch
+
         out = []
         for i in range(0, len(texts), batch_size):
+            if isinstance(self.model, GPTClassifier):  # the last max_length tokens are kept
+                idx, mask = gpt_batch(self.tokenizer, texts[i : i + batch_size],
+                                      None if pairs is None else pairs[i : i + batch_size],
+                                      max_length or self.model.gpt.config.block_size)
+                logits, _ = self.model.classify(idx, None, mask)
+                out.append(_softmax(_to_numpy(logits)))
+                continue
             enc = self.tokenizer.encode_batch(
                 texts[i : i + batch_size],
                 None if pairs is None else pairs[i : i + batch_size],
