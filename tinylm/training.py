@@ -920,23 +920,7 @@ class _Loop:
         steps also the task's validation figures, a printed line, the plot, a sample and the
         checkpoint."""
         self.mark = (self._samples_size(), list(self.carried), list(self.pending))
-        t = time.perf_counter()
-        new = [float(v) for v in to_numpy(self.model.xp.stack(self.pending))] if self.pending \
-            else []  # fmt: skip
-        # On a GPU the steps run ahead of the host until this read waits for them, so the wait
-        # counts as training time.
-        t = time.perf_counter() - t
-        self.interval_time += t
-        self.train_seconds += t
-        self.losses += new
-        step_losses = self.carried + new
-        train_loss = sum(step_losses) / len(step_losses)
-        if not math.isfinite(train_loss):
-            raise RuntimeError(
-                f"the training loss became {train_loss} at step {self.step}; "
-                "try a smaller --lr or keep --grad-clip on"
-            )
-        tok_s = len(new) * self.task.tokens_per_step / max(self.interval_time, 1e-9)
+        train_loss, tok_s = self._read_losses()
         lr = lr_schedule(self.step - 1, self.cfg.lr, self.warmup, self.decay_steps, self.cfg.min_lr)
         is_eval = self._is_eval_step()
         if is_eval:
@@ -954,18 +938,42 @@ class _Loop:
             refresh=False,
         )
         if is_eval:
-            if self.cfg.verbose:
-                self.bar.write(format_record(record), file=sys.stdout)
-            if self.run_dir is not None:
-                plot_losses(self.history_before + self.history, self._path(PLOT_FILE))
-                text = self.task.sample(self.model, self.step)
-                if text is not None:
-                    with open(self._path(SAMPLES_FILE), "a", encoding="utf-8",
-                              errors="replace") as f:  # fmt: skip
-                        f.write(f"=== step {self.step} ===\n{text}\n\n")
+            self._after_eval(record)
         self.logged_step, self.mark = self.step, None
         if is_eval and self.run_dir is not None:
             self.save()
+
+    def _read_losses(self) -> tuple[float, float]:
+        """The mean training loss of the steps since the last record, and tokens per second."""
+        t = time.perf_counter()
+        new = [float(v) for v in to_numpy(self.model.xp.stack(self.pending))] if self.pending \
+            else []  # fmt: skip
+        # On a GPU the steps run ahead of the host until this read waits for them, so the wait
+        # counts as training time.
+        t = time.perf_counter() - t
+        self.interval_time += t
+        self.train_seconds += t
+        self.losses += new
+        step_losses = self.carried + new  # carried: steps before a stop and resume
+        train_loss = sum(step_losses) / len(step_losses)
+        if not math.isfinite(train_loss):
+            raise RuntimeError(
+                f"the training loss became {train_loss} at step {self.step}; "
+                "try a smaller --lr or keep --grad-clip on"
+            )
+        return train_loss, len(new) * self.task.tokens_per_step / max(self.interval_time, 1e-9)
+
+    def _after_eval(self, record):
+        """Print the evaluation's line; draw the curves and append a sample to the run."""
+        if self.cfg.verbose:
+            self.bar.write(format_record(record), file=sys.stdout)
+        if self.run_dir is None:
+            return
+        plot_losses(self.history_before + self.history, self._path(PLOT_FILE))
+        text = self.task.sample(self.model, self.step)
+        if text is not None:
+            with open(self._path(SAMPLES_FILE), "a", encoding="utf-8", errors="replace") as f:
+                f.write(f"=== step {self.step} ===\n{text}\n\n")
 
     def _stop(self):
         """Ctrl-C or SIGTERM: save the last finished step and raise TrainingInterrupted."""
