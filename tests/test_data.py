@@ -257,3 +257,20 @@ def test_eval_windows_errors_at_call_time():
         eval_windows(np.arange(1), 4, 2)
     with pytest.raises(ValueError, match="block_size must be a positive integer, got 0"):
         eval_windows(np.arange(10), 0, 2)
+
+
+def test_the_validation_size_is_computed_in_one_place():
+    from tinylm.data import validation_size
+
+    assert validation_size(100, 0.1) == 10 and validation_size(99, 0.1) == 9
+    train_ids, val_ids = split_train_val(np.arange(99), 0.1)
+    assert len(val_ids) == validation_size(99, 0.1) and len(train_ids) == 90
+
+
+def test_text_sha256_names_a_text_by_its_utf8_bytes():
+    import hashlib
+
+    from tinylm.data import text_sha256
+
+    assert text_sha256("héllo") == hashlib.sha256("héllo".encode()).hexdigest()
+    assert text_sha256("a\ud800b") != text_sha256("ab")  # a lone surrogate still counts

@@ -21,6 +21,7 @@ Both are the same on every machine with the same Python version.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sysconfig
@@ -180,6 +181,12 @@ def load_text(path: str | os.PathLike) -> str:
     return text
 
 
+def text_sha256(text: str) -> str:
+    """The SHA-256 of a text's UTF-8 bytes (lone surrogates kept): a checkpoint stores it, so a
+    resumed run can tell whether it was given the same text."""
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
 def _read_utf8(path: Path) -> str:
     """Decode one file as UTF-8, saying where the first byte that is not UTF-8 sits."""
     raw = path.read_bytes()
@@ -194,6 +201,12 @@ def _read_utf8(path: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Train/validation split
+
+
+def validation_size(n: int, val_fraction: float) -> int:
+    """How many of n items (tokens, documents) the validation split takes: the last
+    floor(n * val_fraction). The one place this is computed."""
+    return math.floor(n * val_fraction)
 
 
 def split_train_val(ids, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +235,7 @@ def split_train_val(ids, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndar
             f"of dtype {ids.dtype}"
         )
     n = len(ids)
-    n_val = math.floor(n * val_fraction)
+    n_val = validation_size(n, val_fraction)
     if n_val == 0 or n_val == n:
         raise ValueError(
             f"val_fraction={val_fraction} of {n} tokens leaves an empty train or validation "

@@ -30,8 +30,6 @@ which a classifier can be fine-tuned.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import math
 import shlex
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -51,6 +49,7 @@ from tinylm.training import (
     _check_float,
     _check_int,
     check_memory,
+    load_training_text,
     resolve_config,
     run_training,
 )
@@ -317,17 +316,9 @@ def pretrain(config: PretrainConfig | None = None, **overrides) -> TrainResult:
 
 def _setup_pretraining(cfg: PretrainConfig, ckpt):
     """Documents, tokenizer, Bert and task of a pretraining run (new or resumed)."""
-    text = data_io.load_text(cfg.text) if cfg.text else data_io.load_corpus(cfg.corpus)
-    if cfg.text is not None:
-        cfg.text = str(Path(cfg.text).resolve())
-    text_sha256 = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
-    if ckpt is not None and ckpt.extra.get("text_sha256") not in (None, text_sha256):
-        raise ValueError(
-            f"the training text has changed since the checkpoint in {cfg.out} was written; "
-            "a resumed run needs the same text"
-        )
+    text, text_sha256 = load_training_text(cfg, ckpt)
     documents = mlm.split_documents(text)
-    n_val = max(2, math.floor(len(documents) * cfg.val_fraction))
+    n_val = max(2, data_io.validation_size(len(documents), cfg.val_fraction))
     if len(documents) - n_val < 2:
         raise ValueError(
             f"the text has {len(documents)} documents (paragraphs of at least two sentences, "

@@ -48,7 +48,6 @@ back.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -517,15 +516,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
 
 def _setup_language_model(cfg: TrainConfig, ckpt):
     """The text, tokenizer, model and task of a GPT run (new, fine-tuned or resumed)."""
-    text = data_io.load_text(cfg.text) if cfg.text else data_io.load_corpus(cfg.corpus)
-    if cfg.text is not None:
-        cfg.text = str(Path(cfg.text).resolve())  # saved so, a resume works from anywhere
-    text_sha256 = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
-    if ckpt is not None and ckpt.extra.get("text_sha256") not in (None, text_sha256):
-        raise ValueError(
-            f"the training text has changed since the checkpoint in {cfg.out} was written; "
-            "a resumed run needs the same text"
-        )
+    text, text_sha256 = load_training_text(cfg, ckpt)
     if ckpt is not None:
         model, tokenizer = ckpt.build_model(cfg.device), ckpt.tokenizer
     elif cfg.init_from is not None:
@@ -552,6 +543,22 @@ def _setup_language_model(cfg: TrainConfig, ckpt):
         "validation tokens"
     )
     return model, tokenizer, task, {"text_sha256": text_sha256}, header
+
+
+def load_training_text(cfg, ckpt) -> tuple[str, str]:
+    """The text of a run (cfg.text, else the built-in cfg.corpus) and its SHA-256; a resumed run
+    must be given the text its checkpoint was trained on. cfg.text becomes an absolute path,
+    so that the saved settings resume from any directory."""
+    text = data_io.load_text(cfg.text) if cfg.text else data_io.load_corpus(cfg.corpus)
+    if cfg.text is not None:
+        cfg.text = str(Path(cfg.text).resolve())
+    sha256 = data_io.text_sha256(text)
+    if ckpt is not None and ckpt.extra.get("text_sha256") not in (None, sha256):
+        raise ValueError(
+            f"the training text has changed since the checkpoint in {cfg.out} was written; "
+            "a resumed run needs the same text"
+        )
+    return text, sha256
 
 
 def load_pretrained_gpt(cfg: TrainConfig):
@@ -609,7 +616,7 @@ def split_tokens(cfg: TrainConfig, tokenizer, text: str) -> tuple[np.ndarray, np
     """Encode the text and split it; the training split must hold one window plus its target."""
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     need = cfg.block_size + 1
-    n_val = math.floor(len(ids) * cfg.val_fraction)  # as data.split_train_val splits
+    n_val = data_io.validation_size(len(ids), cfg.val_fraction)
     if len(ids) - n_val < need or n_val < 2:
         raise ValueError(
             f"the text has {len(ids):,} tokens: too few to train with block_size "
