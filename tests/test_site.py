@@ -11,9 +11,11 @@ host refused (the site must work offline), and fails on what a reader would see 
 - a request to another host (a CDN, web fonts);
 - content wider than the 1280-px window, or a display equation wider than its column.
 
-Skipped when Chromium (Debian's `chromium` package: /usr/bin/chromium) or the Python package
-playwright (in the dev extra; it drives the system's Chromium, no browser download) is missing.
-Set TINYLM_CHROMIUM to use another Chromium binary.
+The browser tests are skipped when Chromium (Debian's `chromium` package: /usr/bin/chromium) or
+the Python package playwright (in the dev extra; it drives the system's Chromium, no browser
+download) is missing; set TINYLM_CHROMIUM to use another Chromium binary. The last tests need
+no browser: they check the pieces that keep the site offline (MathJax from its package, the
+notebook pages' MathJax 2 loader removed, no other host in mkdocs.yml).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -41,16 +44,22 @@ def _chromium() -> str | None:
     return None
 
 
-pytestmark = [
-    pytest.mark.skipif(not (ROOT / "mkdocs.yml").is_file(), reason="no mkdocs.yml"),
-    pytest.mark.skipif(_chromium() is None, reason="no Chromium (apt-get install chromium)"),
-]
-pytest.importorskip("mkdocs")
-playwright = pytest.importorskip("playwright.sync_api")  # before the build, which takes a while
+pytestmark = pytest.mark.skipif(not (ROOT / "mkdocs.yml").is_file(), reason="no mkdocs.yml")
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
+def browser_tools():
+    """The Chromium binary and playwright's sync API, or a skip naming what is missing."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no Chromium (apt-get install chromium)")
+    pytest.importorskip("mkdocs")
+    return chromium, pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def site(browser_tools, tmp_path_factory) -> Path:
+    # Asks for browser_tools first: no point in a build that no browser will read.
     site_dir = tmp_path_factory.mktemp("site")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
@@ -146,12 +155,13 @@ async () => {
 
 
 @pytest.fixture(scope="module")
-def reports(site, server):
+def reports(browser_tools, site, server):
     """{page path: list of problems} for every page of the site, read in one browser session."""
+    chromium, playwright = browser_tools
     problems: dict[str, list[str]] = {}
     equations: dict[str, int] = {}
     with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
             current: list[str] = []
@@ -214,3 +224,56 @@ def test_math_is_typeset_on_markdown_and_notebook_pages(reports):
     missing = [p for p in notebook_pages if equations[p] == 0]
     # Every notebook so far has math; one without any would be named here.
     assert not missing, f"no formula typeset on {missing}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Without a browser: the pieces that keep the site offline.
+
+
+def _hook():
+    """docs/hooks/mathjax.py as a module (MkDocs loads it by path, as here)."""
+    import importlib.util
+
+    pytest.importorskip("mkdocs")
+    spec = importlib.util.spec_from_file_location("mathjax_hook", ROOT / "docs/hooks/mathjax.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mathjax_comes_from_its_package_with_fonts_and_extensions():
+    pytest.importorskip("mathjax", reason="django-static-mathjax (dev extra) is not installed")
+    hook = _hook()
+    es5 = hook.mathjax_es5_dir()
+    names = {p.relative_to(es5).as_posix() for p in hook._asset_paths(es5)}
+    assert "tex-mml-chtml.js" in names
+    assert "output/chtml/fonts/woff-v2/MathJax_Main-Regular.woff" in names
+    assert "input/tex/extensions/boldsymbol.js" in names  # loaded on demand by \boldsymbol
+    assert not any(n.startswith("output/svg") for n in names)  # only what the page loader uses
+
+
+def test_notebook_pages_lose_the_mathjax2_loader_and_others_are_untouched():
+    hook = _hook()
+    notebook_html = (
+        "<head><!-- Load mathjax -->\n<script src=\"\"> </script>\n"
+        '<script type="text/x-mathjax-config">MathJax.Hub.Config({})</script>\n'
+        "<!-- End of mathjax configuration --><script>keep()</script></head>"
+    )
+
+    def page(src_uri):
+        return types.SimpleNamespace(file=types.SimpleNamespace(src_uri=src_uri))
+
+    out = hook.on_post_page(notebook_html, page("notebooks/04_layernorm.ipynb"), None)
+    assert out == "<head><script>keep()</script></head>"
+    assert hook.on_post_page(notebook_html, page("math.md"), None) == notebook_html
+
+
+def test_the_site_config_names_no_other_host():
+    # Every script and stylesheet the site loads is its own; the theme uses the system's fonts.
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    for key in ("extra_javascript", "extra_css"):
+        for entry in config.get(key, []):
+            path = entry if isinstance(entry, str) else entry["path"]
+            assert "//" not in path, f"mkdocs.yml {key} loads {path} from another host"
+    assert config["theme"].get("font") is False, "theme.font must be false (no Google Fonts)"
