@@ -496,6 +496,9 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     is a ValueError naming it. With ``init_from=PATH`` the model starts from a pretrained GPT
     (see TrainConfig).
 
+    Process-wide state: the array backend is restored on return; on the CPU glibc's malloc
+    thresholds stay raised (backend.keep_freed_memory: speed only, never results).
+
     Raises ValueError (bad settings, text, run directory), FileNotFoundError, RuntimeError (the GPU
     is missing), TrainingInterrupted (Ctrl-C; the checkpoint was saved first).
     """
