@@ -227,7 +227,8 @@ def unigram_entropy(tokenizer, texts, max_length: int = 512) -> float:
 
 def compare_three_ways(examples: Examples, unlabeled: list[str], *, vocab_size=2000,
                        hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
-                       max_length=48, pretrain_steps=600, pretrain_seconds=None, epochs=4,
+                       max_length=48, pretrain_steps=600, pretrain_seconds=None,
+                       pretrain_lr=2e-3, epochs=4,
                        batch_size=32, lr_scratch=1e-3, lr_finetune=5e-4, dropout=0.1,
                        test_fraction=0.2, seed=0):
     """The comparison of the module docstring. Returns (report, objects): report a JSON-able
@@ -259,7 +260,8 @@ def compare_three_ways(examples: Examples, unlabeled: list[str], *, vocab_size=2
                         hidden_dropout_prob=dropout, nsp_head=False)
     pretrained, mlm_losses = pretrain_mlm(tokenizer, corpus, config, pretrain_steps,
                                           batch_size=batch_size, max_length=max_length,
-                                          seed=seed, max_seconds=pretrain_seconds)
+                                          lr=pretrain_lr, seed=seed,
+                                          max_seconds=pretrain_seconds)
     t_pretrain = time.perf_counter() - t0
 
     def finetuned_from(start, lr):
@@ -305,7 +307,7 @@ def compare_three_ways(examples: Examples, unlabeled: list[str], *, vocab_size=2
                   "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
                   "intermediate_size": intermediate_size, "max_length": max_length,
                   "parameters": pretrained.num_params()},
-        "pretraining": {"steps": len(mlm_losses), "batch_size": batch_size,
+        "pretraining": {"steps": len(mlm_losses), "batch_size": batch_size, "lr": pretrain_lr,
                         "mlm_loss_first_10": float(np.mean(mlm_losses[:10])),
                         "mlm_loss_last_10": float(np.mean(mlm_losses[-10:])),
                         "log_vocab_size": math.log(tokenizer.vocab_size),
