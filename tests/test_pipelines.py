@@ -277,6 +277,10 @@ def test_text_classification_labels_and_top_k(cls_dir, wordpiece):
     assert many[0] == one[0] and isinstance(many[1], dict)
     pair = classifier({"text": "a cat sat", "text_pair": "the dog ran"})
     assert set(pair) == {"label", "score"}
+    long = " ".join(["the big dog ran"] * 10)  # 42 tokens; the model reads 32
+    with pytest.raises(ValueError, match="longer than max_position_embeddings=32"):
+        classifier(long)
+    assert classifier(long, truncation=True) == classifier(" ".join(long.split()[:30]))
 
 
 def test_encoder_pipeline_errors(mlm_dir, cls_dir, hf_dir, wordpiece):

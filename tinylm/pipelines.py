@@ -470,10 +470,11 @@ class TextClassificationPipeline:
             out.append(_softmax(_to_numpy(logits)))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
 
-    def __call__(self, inputs, top_k=""):
+    def __call__(self, inputs, top_k="", truncation=False):
         """For a text (or {"text": a, "text_pair": b}): [{"label", "score"}] with the best
         class; with top_k (an integer, or None for every class) the top_k records, best first.
-        For a list of inputs: one result per input (one record each without top_k)."""
+        For a list of inputs: one result per input (one record each without top_k).
+        truncation=True cuts an input longer than the model reads (as transformers' does)."""
         if top_k != "" and top_k is not None:
             _check_count("top_k", top_k, minimum=1)
         items, single = _texts(inputs, "input")
@@ -490,8 +491,11 @@ class TextClassificationPipeline:
             else:
                 texts.append(item)
                 pairs.append(None)
+        from tinylm.finetuning import model_max_length
+
+        max_length = model_max_length(self.model, 1 << 30) if truncation else None
         probs = np.concatenate([
-            self.probabilities([t], None if p is None else [p])
+            self.probabilities([t], None if p is None else [p], max_length=max_length)
             for t, p in zip(texts, pairs, strict=True)
         ])  # each input alone, as transformers runs them
         results = []
