@@ -6,7 +6,9 @@ the standard library (length-matched, markup removed; see tinylm/tasks.py for wh
 fair). The pretrained BERT is a small one pretrained here, in this process, with the masked-LM
 objective on the unlabeled sentences and the training split's texts (never the test split's).
 Every accuracy is on the same held-out test split; beside them the majority class and the best
-rule "class A if the sentence contains character c".
+rule "class A if the sentence contains character c", and the other family: a GPT of the same
+size pretrained as long by next-token prediction, fine-tuned with a head on its last real token
+(and from scratch).
 
     python benchmarks/finetune.py                      # about 6 minutes on 2 quiet cores
     python benchmarks/finetune.py --quick --json /tmp/finetune.json
@@ -41,6 +43,8 @@ def main():
                         help="peak learning rate, the same for scratch and fine-tuning")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small version (about 1 minute)")
+    parser.add_argument("--no-gpt", action="store_true",
+                        help="leave out the GPT family (pretrained by next-token prediction)")
     parser.add_argument("--note", default="", help="recorded in the JSON (e.g. machine load)")
     args = parser.parse_args()
     keep_freed_memory()
@@ -52,7 +56,8 @@ def main():
     t_data = time.perf_counter() - t0
     report, _ = compare_three_ways(examples, unlabeled, pretrain_steps=args.pretrain_steps,
                                    pretrain_seconds=args.pretrain_seconds, epochs=args.epochs,
-                                   lr_scratch=args.lr, lr_finetune=args.lr, seed=args.seed)
+                                   lr_scratch=args.lr, lr_finetune=args.lr, seed=args.seed,
+                                   gpt=not args.no_gpt)
     report["data_seconds"] = round(t_data, 1)
     report["n_unlabeled"] = len(unlabeled)
     report["machine"] = machine_info()

@@ -421,3 +421,18 @@ def test_oracle_transformers_loads_the_fine_tuned_gpt(gpt_dir, tmp_path):
     assert np.abs(ours - theirs).max() < 1e-5
     records = classify(tmp_path / "run", texts)
     assert [r["label"] for r in records] == [labels[j] for j in theirs.argmax(1)]
+
+
+def test_pretrain_gpt_lowers_the_next_token_loss():
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.tasks import pretrain_gpt
+    from tinylm.tokenizer import BPETokenizer
+
+    if not hasattr(GPT, "backward_features"):
+        pytest.skip("GPT.features / backward_features are not in this tinylm yet")
+    texts = toy_examples(200).texts
+    bpe = BPETokenizer.train(" ".join(texts), vocab_size=256 + 40 + 1)
+    config = GPTConfig(vocab_size=bpe.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    model, losses = pretrain_gpt(bpe, texts, config, steps=40, batch_size=8, lr=1e-2)
+    assert len(losses) == 40 and not model.training
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0

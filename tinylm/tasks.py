@@ -34,6 +34,11 @@ and the training split's texts (never the test split's), then on the test split
     scratch       the same architecture, randomly initialised, trained on the labels only
     linear probe  logistic regression on the pretrained encoder's frozen sentence features
     fine-tuned    every parameter of the pretrained encoder, plus a new classifier, trained
+
+and, with gpt=True, the other family on the same task: a GPT of the same width and depth
+pretrained as long on the same text by next-token prediction (``pretrain_gpt``, byte-level
+BPE of the same vocabulary size), fine-tuned with a head on its last real token, and the same
+GPT from scratch.
 """
 
 from __future__ import annotations
@@ -225,12 +230,39 @@ def unigram_entropy(tokenizer, texts, max_length: int = 512) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def pretrain_gpt(tokenizer, texts, config, steps: int, batch_size: int = 32, lr: float = 2e-3,
+                 seed: int = 0):
+    """A GPT pretrained by next-token prediction on texts (each followed by <|endoftext|>, all
+    in one token stream): windows of config.block_size tokens drawn at random
+    (tinylm.data.get_batch), AdamW, warmup over 5 % then a cosine. Returns (model, losses)."""
+    from tinylm.data import get_batch
+    from tinylm.model import GPT
+
+    stream = []
+    for text in texts:
+        stream += tokenizer.encode(text) + [tokenizer.eot_id]
+    data = np.array(stream, dtype=np.int64)
+    model = GPT(config, seed=seed)
+    opt = AdamW(model.params, lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    warmup = max(1, steps // 20)
+    losses = []
+    for step in range(steps):
+        x, y = get_batch(data, config.block_size, batch_size, rng)
+        _, loss = model.forward(x, y)
+        grads = model.backward()
+        clip_grad_norm(grads, 1.0)
+        opt.step(grads, lr=lr_schedule(step, lr, warmup, steps, lr / 10))
+        losses.append(float(loss))
+    return model.eval(), losses
+
+
 def compare_three_ways(examples: Examples, unlabeled: list[str], *, vocab_size=2000,
                        hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
                        max_length=48, pretrain_steps=600, pretrain_seconds=None,
                        pretrain_lr=2e-3, epochs=4,
                        batch_size=32, lr_scratch=1e-3, lr_finetune=5e-4, dropout=0.1,
-                       test_fraction=0.2, seed=0):
+                       test_fraction=0.2, seed=0, gpt=False):
     """The comparison of the module docstring. Returns (report, objects): report a JSON-able
     dict of accuracies on the test split (and the majority class, the best single-character
     rule, sizes, seconds, the fine-tuning histories); objects the tokenizer, the models, the
@@ -289,6 +321,14 @@ def compare_three_ways(examples: Examples, unlabeled: list[str], *, vocab_size=2
     bow_acc = float((predict(bag_of_words(tokenizer, test.texts, max_length)) == y_test).mean())
     finetuned, ft_history, ft_acc, ft_preds, t_ft = finetuned_from(pretrained, lr_finetune)
 
+    gpt_report, gpt_objects = {}, {}
+    if gpt:
+        gpt_report, gpt_objects = _gpt_arms(
+            corpus, train, val, test, labels, vocab_size=vocab_size, hidden_size=hidden_size,
+            num_layers=num_layers, num_heads=num_heads, max_length=max_length,
+            steps=len(mlm_losses), batch_size=batch_size, lr=pretrain_lr, epochs=epochs,
+            lr_scratch=lr_scratch, lr_finetune=lr_finetune, dropout=dropout, seed=seed)
+
     report = {
         "task": "reference_or_docstring",
         "labels": labels,
@@ -322,8 +362,49 @@ def compare_three_ways(examples: Examples, unlabeled: list[str], *, vocab_size=2
                         "history_fine_tuned": ft_history},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
+    if gpt:
+        report["accuracy"].update(gpt_report.pop("accuracy"))
+        report["gpt"] = gpt_report
     objects = {"tokenizer": tokenizer, "pretrained": pretrained, "random_init": random_init,
                "scratch": scratch, "finetuned": finetuned, "train": train, "val": val,
                "test": test, "labels": labels, "mlm_losses": mlm_losses,
-               "test_predictions": ft_preds, "test_truth": y_test}
+               "test_predictions": ft_preds, "test_truth": y_test, **gpt_objects}
     return report, objects
+
+
+def _gpt_arms(corpus, train, val, test, labels, *, vocab_size, hidden_size, num_layers,
+              num_heads, max_length, steps, batch_size, lr, epochs, lr_scratch, lr_finetune,
+              dropout, seed):
+    """The GPT family on the same task: pretrained by next-token prediction as many steps as
+    the BERT, then fine-tuned; and from scratch. Returns (report, objects)."""
+    from tinylm.finetuning import GPTClassifier
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.tokenizer import BPETokenizer
+
+    label_ids = {name: i for i, name in enumerate(labels)}
+    t0 = time.perf_counter()
+    bpe = BPETokenizer.train("\n".join(corpus), vocab_size=vocab_size)
+    config = GPTConfig(vocab_size=bpe.vocab_size, block_size=max_length, n_layer=num_layers,
+                       n_head=num_heads, n_embd=hidden_size, dropout=dropout)
+    pretrained, losses = pretrain_gpt(bpe, corpus, config, steps, batch_size, lr, seed)
+    t_pretrain = time.perf_counter() - t0
+    results, seconds, models = {}, {}, {}
+    for name, start, rate in (("gpt_from_scratch", GPT(config, seed=seed + 100), lr_scratch),
+                              ("gpt_fine_tuned", pretrained, lr_finetune)):
+        t = time.perf_counter()
+        model = GPTClassifier(start, len(labels), seed=seed)
+        train_classifier(model, bpe, train, val, labels, epochs=epochs, batch_size=batch_size,
+                         lr=rate, max_length=max_length, seed=seed, evals_per_epoch=1)
+        _, results[name], _, _ = evaluate(model, bpe, test, label_ids, max_length)
+        seconds[name] = round(time.perf_counter() - t, 1)
+        models[name] = model
+    report = {
+        "accuracy": results,
+        "pretraining": {"steps": len(losses), "lr": lr, "vocab_size": bpe.vocab_size,
+                        "next_token_loss_first_10": float(np.mean(losses[:10])),
+                        "next_token_loss_last_10": float(np.mean(losses[-10:])),
+                        "seconds": round(t_pretrain, 1)},
+        "parameters": int(sum(a.size for a in pretrained.params.values())),
+        "seconds": seconds,
+    }
+    return report, {"gpt_tokenizer": bpe, "gpt_pretrained": pretrained, **models}
