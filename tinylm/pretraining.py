@@ -65,11 +65,11 @@ class PretrainConfig:
     dashes, and those it shares with `tinylm train` mean the same.
 
     The defaults pretrain a 0.57M-parameter BERT on the "pydoc" corpus in 500 steps, about two
-    and a half minutes on two quiet CPU cores (100 steps took 43 s on a shared, busy one). Measured
-    there: validation MLM accuracy 0.144 on the masked positions (chance is 1/1000; always
-    guessing the most frequent token gives 0.064), MLM loss 5.17; NSP stays at chance
-    (0.52) at this size and length: telling a random second sentence from the next one needs
-    more than 500 steps of a 2-layer model.
+    and a half minutes on the 2-core machine (a step took 0.29 s on one core, with OpenBLAS on
+    one thread, while other work shared the machine). Measured: validation MLM accuracy 0.144
+    on the masked positions (chance is 1/1000; always guessing the most frequent token gives
+    0.064), MLM loss 5.17; NSP stays at chance (0.52) at this size and length: telling a random
+    second sentence from the next one needs more than 500 steps of a 2-layer model.
     """
 
     model_type: ClassVar[str] = "bert"
