@@ -45,9 +45,9 @@ from tinylm.bert import IGNORE_INDEX, Bert, BertConfig
 from tinylm.bert import param_shapes as bert_param_shapes
 from tinylm.training import (
     TrainResult,
-    _check_choice,
-    _check_float,
-    _check_int,
+    check_choice_setting,
+    check_float_setting,
+    check_int_setting,
     check_memory,
     load_training_text,
     resolve_config,
@@ -118,32 +118,34 @@ class PretrainConfig:
     verbose: bool = True
 
     def __post_init__(self):
-        _check_choice("corpus", self.corpus, data_io.CORPORA)
-        _check_choice("dtype", self.dtype, ("float32", "float64"))
-        _check_choice("device", self.device, ("cpu", "gpu"))
+        check_choice_setting("corpus", self.corpus, data_io.CORPORA)
+        check_choice_setting("dtype", self.dtype, ("float32", "float64"))
+        check_choice_setting("device", self.device, ("cpu", "gpu"))
         for name in ("n_layer", "n_head", "n_embd", "steps", "batch_size", "eval_interval",
                      "eval_batch_size", "eval_batches", "log_interval"):  # fmt: skip
-            _check_int(name, getattr(self, name), low=1)
+            check_int_setting(name, getattr(self, name), low=1)
         for name in ("warmup_steps", "samples", "seed"):
-            _check_int(name, getattr(self, name), low=0)
-        _check_int("vocab_size", self.vocab_size, low=6)  # 5 special tokens and one more
-        _check_int("block_size", self.block_size, low=5)  # [CLS] a [SEP] b [SEP]
+            check_int_setting(name, getattr(self, name), low=0)
+        check_int_setting("vocab_size", self.vocab_size, low=6)  # 5 special tokens and one more
+        check_int_setting("block_size", self.block_size, low=5)  # [CLS] a [SEP] b [SEP]
         if self.lr_decay_steps is not None:
-            _check_int("lr_decay_steps", self.lr_decay_steps, low=1)
-        self.lr = _check_float("lr", self.lr, low=0.0, low_open=True)
-        self.min_lr = _check_float("min_lr", self.min_lr, low=0.0)
+            check_int_setting("lr_decay_steps", self.lr_decay_steps, low=1)
+        self.lr = check_float_setting("lr", self.lr, low=0.0, low_open=True)
+        self.min_lr = check_float_setting("min_lr", self.min_lr, low=0.0)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr must be at most lr={self.lr}, got {self.min_lr}")
-        self.weight_decay = _check_float("weight_decay", self.weight_decay, low=0.0)
-        self.beta1 = _check_float("beta1", self.beta1, low=0.0, high=1.0)
-        self.beta2 = _check_float("beta2", self.beta2, low=0.0, high=1.0)
-        self.eps = _check_float("eps", self.eps, low=0.0, low_open=True)
-        self.grad_clip = _check_float("grad_clip", self.grad_clip, low=0.0)
-        self.dropout = _check_float("dropout", self.dropout, low=0.0, high=1.0)
-        self.val_fraction = _check_float("val_fraction", self.val_fraction, low=0.0, high=1.0,
-                                         low_open=True)  # fmt: skip
-        self.mlm_probability = _check_float("mlm_probability", self.mlm_probability, low=0.0,
-                                            high=1.0, low_open=True)  # fmt: skip
+        self.weight_decay = check_float_setting("weight_decay", self.weight_decay, low=0.0)
+        self.beta1 = check_float_setting("beta1", self.beta1, low=0.0, high=1.0)
+        self.beta2 = check_float_setting("beta2", self.beta2, low=0.0, high=1.0)
+        self.eps = check_float_setting("eps", self.eps, low=0.0, low_open=True)
+        self.grad_clip = check_float_setting("grad_clip", self.grad_clip, low=0.0)
+        self.dropout = check_float_setting("dropout", self.dropout, low=0.0, high=1.0)
+        self.val_fraction = check_float_setting(
+            "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True
+        )
+        self.mlm_probability = check_float_setting(
+            "mlm_probability", self.mlm_probability, low=0.0, high=1.0, low_open=True
+        )
         for name in ("nsp", "overwrite", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -159,11 +159,11 @@ class TrainConfig:
     verbose: bool = True  # print the header and one line per evaluation
 
     def __post_init__(self):
-        _check_choice("corpus", self.corpus, data_io.CORPORA)
-        _check_choice("tokenizer", self.tokenizer, ("char", "bpe"))
-        _check_choice("positions", self.positions, ("learned", "sinusoidal"))
-        _check_choice("dtype", self.dtype, ("float32", "float64"))
-        _check_choice("device", self.device, ("cpu", "gpu"))
+        check_choice_setting("corpus", self.corpus, data_io.CORPORA)
+        check_choice_setting("tokenizer", self.tokenizer, ("char", "bpe"))
+        check_choice_setting("positions", self.positions, ("learned", "sinusoidal"))
+        check_choice_setting("dtype", self.dtype, ("float32", "float64"))
+        check_choice_setting("device", self.device, ("cpu", "gpu"))
         for name in (
             "n_layer",
             "n_head",
@@ -176,26 +176,26 @@ class TrainConfig:
             "log_interval",
             "vocab_size",
         ):
-            _check_int(name, getattr(self, name), low=1)
+            check_int_setting(name, getattr(self, name), low=1)
         for name in ("warmup_steps", "sample_tokens", "seed"):
-            _check_int(name, getattr(self, name), low=0)
+            check_int_setting(name, getattr(self, name), low=0)
         if self.lr_decay_steps is not None:
-            _check_int("lr_decay_steps", self.lr_decay_steps, low=1)
+            check_int_setting("lr_decay_steps", self.lr_decay_steps, low=1)
         if self.tokenizer == "bpe" and self.vocab_size < 257:
             raise ValueError(
                 f"vocab_size must be >= 257 for BPE (256 bytes + EOT), got {self.vocab_size}"
             )
-        self.lr = _check_float("lr", self.lr, low=0.0, low_open=True)
-        self.min_lr = _check_float("min_lr", self.min_lr, low=0.0)
+        self.lr = check_float_setting("lr", self.lr, low=0.0, low_open=True)
+        self.min_lr = check_float_setting("min_lr", self.min_lr, low=0.0)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr must be at most lr={self.lr}, got {self.min_lr}")
-        self.weight_decay = _check_float("weight_decay", self.weight_decay, low=0.0)
-        self.beta1 = _check_float("beta1", self.beta1, low=0.0, high=1.0)
-        self.beta2 = _check_float("beta2", self.beta2, low=0.0, high=1.0)
-        self.eps = _check_float("eps", self.eps, low=0.0, low_open=True)
-        self.grad_clip = _check_float("grad_clip", self.grad_clip, low=0.0)
-        self.dropout = _check_float("dropout", self.dropout, low=0.0, high=1.0)
-        self.val_fraction = _check_float(
+        self.weight_decay = check_float_setting("weight_decay", self.weight_decay, low=0.0)
+        self.beta1 = check_float_setting("beta1", self.beta1, low=0.0, high=1.0)
+        self.beta2 = check_float_setting("beta2", self.beta2, low=0.0, high=1.0)
+        self.eps = check_float_setting("eps", self.eps, low=0.0, low_open=True)
+        self.grad_clip = check_float_setting("grad_clip", self.grad_clip, low=0.0)
+        self.dropout = check_float_setting("dropout", self.dropout, low=0.0, high=1.0)
+        self.val_fraction = check_float_setting(
             "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True
         )
         for name in ("bias", "tie_weights", "overwrite", "verbose"):
@@ -262,18 +262,21 @@ MODEL_SETTINGS = (
 )  # fmt: skip
 
 
-def _check_choice(name, value, choices):
+# The checks of one scalar setting of a run (TrainConfig, PretrainConfig): ValueError naming it.
+
+
+def check_choice_setting(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
-def _check_int(name, value, low):
+def check_int_setting(name, value, low):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         what = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
-def _check_float(name, value, low, high=None, low_open=False):
+def check_float_setting(name, value, low, high=None, low_open=False):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     value = float(value)
