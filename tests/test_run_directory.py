@@ -404,3 +404,15 @@ def test_a_crash_between_the_first_checkpoint_and_the_renames_is_finished_on_res
     assert [r["step"] for r in records] == [5, 10]
     assert records[0]["lr"] == pytest.approx(5e-3 * 5 / 10)  # the new run's warmup (old: 1e-3)
     assert not (run / "metrics.new.jsonl").exists()
+
+
+def test_a_wrong_field_in_optimizer_json_names_the_file_and_the_field(tmp_path, text_file):
+    run = tmp_path / "run"
+    train(text=str(text_file), out=str(run), steps=5, **TINY)
+    path = run / "checkpoint" / "optimizer.json"
+    state = json.loads(path.read_text(encoding="utf-8"))
+    state["lr"] = "fast"
+    path.write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"optimizer\.json: .*lr") as info:
+        train(resume=str(run), steps=10, verbose=False, progress=False)
+    assert "\n" not in str(info.value)

@@ -769,7 +769,10 @@ def run_training(cfg, ckpt, setup, t_call: float | None = None) -> TrainResult:
                 weight_decay=cfg.weight_decay,
             )
             if ckpt is not None:
-                optimizer.load_state_dict(ckpt.optimizer_state)
+                try:
+                    optimizer.load_state_dict(ckpt.optimizer_state)
+                except (TypeError, ValueError, KeyError) as err:  # a field of the wrong kind
+                    raise ValueError(f"{ckpt.path / 'optimizer.json'}: {err}") from err
                 batch_rng = ckpt.batch_rng()
             else:
                 # The batch sampler's own stream; a seed list is hashed into a stream apart from
