@@ -416,3 +416,16 @@ def test_a_wrong_field_in_optimizer_json_names_the_file_and_the_field(tmp_path, 
     with pytest.raises(ValueError, match=r"optimizer\.json: .*lr") as info:
         train(resume=str(run), steps=10, verbose=False, progress=False)
     assert "\n" not in str(info.value)
+
+
+def test_a_wrong_setting_in_the_checkpoints_config_names_the_file_and_the_setting(
+    tmp_path, text_file
+):
+    run = tmp_path / "run"
+    train(text=str(text_file), out=str(run), steps=5, **TINY)
+    path = run / "checkpoint" / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["train_config"]["lr"] = -1
+    path.write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"config\.json: train_config: lr must be > 0"):
+        train(resume=str(run), steps=10, verbose=False, progress=False)

@@ -176,7 +176,10 @@ class PretrainConfig:
         unknown = sorted(set(d) - set(PRETRAIN_SETTINGS))
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as err:  # a setting of the wrong kind or out of range
+            raise ValueError(f"{source}: {err}") from err
 
     def model_config(self, tokenizer: WordPieceTokenizer) -> BertConfig:
         """The Bert's settings, for this tokenizer."""

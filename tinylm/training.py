@@ -228,7 +228,10 @@ class TrainConfig:
         unknown = sorted(set(d) - set(SETTINGS))
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as err:  # a setting of the wrong kind or out of range
+            raise ValueError(f"{source}: {err}") from err
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model's settings; its checks (e.g. n_embd divisible by n_head) run here too."""
