@@ -203,3 +203,33 @@ def test_no_checkpoint_at_all(tmp_path):
     assert "no checkpoint" in _load_error(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_a_bert_and_its_wordpiece_round_trip(tmp_path):
+    from tinylm.bert import Bert, BertConfig
+    from tinylm.wordpiece import WordPieceTokenizer
+
+    tok = WordPieceTokenizer.train("The Cat sat on the mat. The dog sat too. " * 5, 40,
+                                   do_lower_case=False)  # fmt: skip
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=8, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=16, max_position_embeddings=12,
+                     pad_token_id=tok.pad_id)  # fmt: skip
+    model = Bert(cfg, seed=1)
+    opt = AdamW(model.params, lr=1e-2, weight_decay=0.01)
+    _save(tmp_path / "checkpoint", model, opt, tok, np.random.default_rng(0))
+
+    ck = load_checkpoint(tmp_path)
+    assert ck.model_type == "bert" and ck.model_config == cfg
+    rebuilt = ck.build_model()
+    assert isinstance(rebuilt, Bert)
+    assert all(np.array_equal(rebuilt.params[k], a) for k, a in model.params.items())
+    assert isinstance(ck.tokenizer, WordPieceTokenizer) and ck.tokenizer.vocab == tok.vocab
+    assert not ck.tokenizer.do_lower_case
+    assert ck.tokenizer.encode("The Cat sat.") == tok.encode("The Cat sat.")
+
+    # A damaged tokenizer entry is named.
+    config = json.loads((tmp_path / "checkpoint" / "config.json").read_text(encoding="utf-8"))
+    config["tokenizer"]["vocab"] = "not a list"
+    (tmp_path / "checkpoint" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ValueError, match="config.json: bad tokenizer"):
+        load_checkpoint(tmp_path)
