@@ -180,10 +180,14 @@ def reports(browser_tools, site, server):
                 "console",
                 lambda msg: msg.type == "error" and current.append(f"console error: {msg.text}"),
             )
+            # A request the next navigation cancels (the favicon of the page just left, on a
+            # loaded machine) fails as net::ERR_ABORTED: that is the browser moving on, not a
+            # broken file. A missing file answers 404, which the image check reports.
             page.on(
                 "requestfailed",
                 lambda req: req.url.startswith(server)
-                and current.append(f"failed to load {req.url[len(server):]}"),
+                and "ERR_ABORTED" not in (req.failure or "")
+                and current.append(f"failed to load {req.url[len(server):]} ({req.failure})"),
             )
             for path in _page_paths(site):
                 current.clear()
