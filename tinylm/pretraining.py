@@ -70,7 +70,7 @@ class PretrainConfig:
     on the masked positions (chance is 1/1000; always guessing the most frequent token gives
     0.064), MLM loss 5.17; NSP stays at chance (0.52). With --steps 1500 (8 minutes): MLM
     accuracy 0.216 and NSP accuracy 0.59, but the NSP validation loss rises (0.69 -> 0.85): the
-    small model starts to memorise the corpus's ~1,700 consecutive training pairs rather than
+    small model starts to memorise the corpus's 1,539 consecutive training pairs rather than
     learn what makes two sentences follow each other.
     """
 
