@@ -83,6 +83,28 @@ def test_bpe_tokenizer_and_float64_round_trip(tmp_path):
     assert "lm_head.weight" in ck.params and "wpe.weight" not in ck.params
 
 
+def test_sinusoidal_checkpoints_keep_their_token_scale(tmp_path):
+    # A new sinusoidal GPT scales its tokens by sqrt(C) and says so in config.json; one written
+    # before GPTConfig.embedding_scale existed has no such field and was trained unscaled.
+    tok = BPETokenizer.train(TEXT * 3, 260)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=4, n_layer=1, n_head=1, n_embd=4,
+                    positions="sinusoidal")  # fmt: skip
+    model = GPT(cfg, dtype=np.float64)
+    _save(tmp_path / "checkpoint", model, AdamW(model.params), tok, np.random.default_rng(1),
+          step=0)  # fmt: skip
+    assert load_checkpoint(tmp_path / "checkpoint").model_config.embedding_scale == 2.0
+    cfg_file = tmp_path / "checkpoint" / "config.json"
+    saved = json.loads(cfg_file.read_text())
+    del saved["model_config"]["embedding_scale"]  # as an older tinylm wrote it
+    cfg_file.write_text(json.dumps(saved))
+    old = load_checkpoint(tmp_path / "checkpoint")
+    assert old.model_config.embedding_scale == 1.0
+    idx = np.array([[1, 2, 3]])
+    unscaled = GPT(GPTConfig(**{**cfg.to_dict(), "embedding_scale": 1.0}), dtype=np.float64,
+                   params=model.params)  # fmt: skip
+    assert np.array_equal(old.build_model().forward(idx)[0], unscaled.forward(idx)[0])
+
+
 def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     model, opt, tok, rng = _trained()
     _save(tmp_path / "checkpoint", model, opt, tok, rng, step=3)

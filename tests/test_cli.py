@@ -320,3 +320,15 @@ def test_finetune_and_classify_name_what_is_missing(capsys, tmp_path):
 def test_pretrain_refuses_a_bad_flag_in_one_line(capsys, tmp_path):
     fails(capsys, ["pretrain", "--steps", "0", "--out", str(tmp_path / "bert")], "steps")
     assert not (tmp_path / "bert").exists()
+
+
+def test_info_describes_a_pretraining_run(capsys, tmp_path):
+    out = tmp_path / "bert"
+    assert cli.main(["pretrain", "--out", str(out), "--steps", "2", "--eval-interval", "2",
+                     "--n-layer", "1", "--n-embd", "32", "--vocab-size", "300",
+                     "--no-progress", "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "BERT encoder, 1 layers x 2 heads x 32" in text and "heads: pooler, MLM, NSP" in text
+    assert "mlm accuracy" in text and "WordPieceTokenizer" in text

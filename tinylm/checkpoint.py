@@ -386,8 +386,13 @@ def load_checkpoint(path) -> Checkpoint:
     config_cls, param_shapes = (
         (BertConfig, bert_param_shapes) if model_type == "bert" else (GPTConfig, gpt_param_shapes)
     )
+    fields = dict(config["model_config"])  # checked to be an object above
+    if model_type == "gpt":
+        # Written before GPTConfig.embedding_scale existed: those models added their token
+        # vectors unscaled, whatever their positions, and must load as they were trained.
+        fields.setdefault("embedding_scale", 1.0)
     try:
-        model_config = config_cls(**config["model_config"])
+        model_config = config_cls(**fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{cfg_file}: bad model_config: {err}") from err
     try:

@@ -471,11 +471,23 @@ def cmd_info(args) -> int:
     n_params = sum(a.size for a in ckpt.params.values())
     print(f"run directory  {run_dir}")
     print(f"checkpoint     {ckpt.path}: step {ckpt.step} of {tc.get('steps', '?')}")
-    print(
-        f"model          {mc.n_layer} layers x {mc.n_head} heads x {mc.n_embd}, block "
-        f"{mc.block_size}, vocab {mc.vocab_size}, dropout {mc.dropout}, positions "
-        f"{mc.positions}, tied weights {mc.tie_weights}, bias {mc.bias}"
-    )
+    if ckpt.model_type == "bert":  # a `tinylm pretrain` run: BertConfig's names
+        heads = [name for name, on in (("pooler", mc.pooler), ("MLM", mc.mlm_head),
+                                        ("NSP", mc.nsp_head)) if on]
+        if mc.num_labels:
+            heads.append(f"{mc.num_labels}-way classifier")
+        print(
+            f"model          BERT encoder, {mc.num_hidden_layers} layers x "
+            f"{mc.num_attention_heads} heads x {mc.hidden_size} (MLP {mc.intermediate_size}), "
+            f"max positions {mc.max_position_embeddings}, vocab {mc.vocab_size}, dropout "
+            f"{mc.hidden_dropout_prob}, heads: {', '.join(heads) or 'none'}"
+        )
+    else:
+        print(
+            f"model          {mc.n_layer} layers x {mc.n_head} heads x {mc.n_embd}, block "
+            f"{mc.block_size}, vocab {mc.vocab_size}, dropout {mc.dropout}, positions "
+            f"{mc.positions}, tied weights {mc.tie_weights}, bias {mc.bias}"
+        )
     print(f"parameters     {n_params:,} ({ckpt.dtype})")
     print(f"tokenizer      {ckpt.tokenizer!r}")
     source = tc.get("text") or f"corpus {tc.get('corpus')}"
