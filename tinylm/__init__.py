@@ -12,12 +12,16 @@
     generator = tinylm.pipeline("text-generation", model="path/to/gpt2")
 
     bert = tinylm.Bert(tinylm.BertConfig(...))           # the encoder family
+    tinylm.pretrain(steps=500, out="runs/bert")          # masked LM + next sentence
+    tinylm.finetune("data.csv", "runs/bert", "runs/cls") # a classifier; tinylm.classify(...)
 """
 
 from tinylm.backend import get_backend, set_backend
 from tinylm.bert import Bert, BertConfig
+from tinylm.finetuning import classify, finetune
 from tinylm.model import GPT, GPTConfig
 from tinylm.pipelines import pipeline
+from tinylm.pretraining import PretrainConfig, pretrain
 from tinylm.tokenizer import BPETokenizer, CharTokenizer
 from tinylm.training import TrainConfig, train
 from tinylm.wordpiece import WordPieceTokenizer
@@ -34,6 +38,10 @@ __all__ = [
     "WordPieceTokenizer",
     "TrainConfig",
     "train",
+    "PretrainConfig",
+    "pretrain",
+    "finetune",
+    "classify",
     "pipeline",
     "set_backend",
     "get_backend",
