@@ -252,6 +252,31 @@ def test_finetune_from_a_tinylm_pretraining_run(tok, tmp_path):
                                                                                  16)
 
 
+def test_a_gpt_that_cannot_be_saved_is_refused_before_training(tmp_path, monkeypatch):
+    """A character-level GPT run has no GPT-2 tokenizer, so its classifier could not be written
+    as a Hugging Face directory: refused at once, nothing written, no epoch spent."""
+    from tinylm import finetuning
+    from tinylm.checkpoint import save_checkpoint
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.optim import AdamW
+    from tinylm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")
+    gpt = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    save_checkpoint(tmp_path / "chars" / "checkpoint", model=gpt, optimizer=AdamW(gpt.params),
+                    tokenizer=tok, step=0, batch_rng=np.random.default_rng(0))
+    data = tmp_path / "toy.csv"
+    write_examples(toy_examples(), data)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(finetuning, "train_classifier", no_training)
+    with pytest.raises(ValueError, match="CharTokenizer"):
+        run_finetune(data, tmp_path / "chars", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def parser():
     p = argparse.ArgumentParser(prog="tinylm")
     sub = p.add_subparsers(dest="command", required=True)

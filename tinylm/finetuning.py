@@ -679,6 +679,7 @@ def finetune(data, init, out, *, text_columns=None, label_column="label", val_fr
     train, val = examples.subset(train_rows), examples.subset(val_rows)
     pretrained, tokenizer = load_pretrained(init)
     model = classifier_for(pretrained, tokenizer, len(labels), seed, dropout)
+    _check_saveable(model, tokenizer, init)  # before the training, not after it
     run_dir = _prepare_out(out, overwrite)  # only after everything above is known to be good
     settings = dict(
         data=str(data) if not isinstance(data, Examples) else "<examples>",
@@ -713,6 +714,25 @@ def finetune(data, init, out, *, text_columns=None, label_column="label", val_fr
                    confusion_matrix=counts.tolist())
     write_json_atomic(run_dir / RUN_FILE, summary)
     return FinetuneResult(run_dir, labels, history, accuracy, majority, counts)
+
+
+def _check_saveable(model, tokenizer, init) -> None:
+    """Refuse a GPT whose classifier could not be written as a Hugging Face directory at the end
+    (a character tokenizer, sinusoidal positions, no biases), naming why, before any training."""
+    if isinstance(model, Bert):
+        return
+    from tinylm.hf.gpt2 import config_to_hf, gpt2_tokenizer_or_reason
+
+    source = init if isinstance(init, (str, Path)) else "the given model"
+    _, reason = gpt2_tokenizer_or_reason(tokenizer)
+    if reason is not None:
+        raise ValueError(f"cannot fine-tune {str(source)!r} for classification: the result is "
+                         f"saved as a GPT-2 directory, and {reason}")
+    try:
+        config_to_hf(model.gpt.config)
+    except ValueError as err:
+        raise ValueError(f"cannot fine-tune {str(source)!r} for classification: the result is "
+                         f"saved as a GPT-2 directory, and {err}") from err
 
 
 def _family(model) -> str:
@@ -813,24 +833,26 @@ def add_finetune_parser(sub):
     p.add_argument("--from", dest="init", required=True, metavar="PATH",
                    help="a Hugging Face BERT or GPT-2 directory, or a tinylm run")
     p.add_argument("--out", required=True, help="the run directory to write (new or empty)")
-    p.add_argument("--text-columns", default=None,
+    p.add_argument("--text-columns", default=argparse.SUPPRESS,
                    help="one text column, or two separated by a comma (default: every column "
                    "but the label column)")
     p.add_argument("--label-column", default="label", help="the column holding the labels")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held out for validation")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per step")
     p.add_argument("--lr", type=float, default=5e-5, help="the peak learning rate")
     p.add_argument("--schedule", choices=SCHEDULES, default="linear",
                    help="decay after the warmup")
     p.add_argument("--warmup-fraction", type=float, default=0.1,
                    help="share of the steps spent warming up")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled decay")
     p.add_argument("--dropout", type=float, default=None,
                    help="replaces the model's hidden dropout probability")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text (truncated)")
-    p.add_argument("--evals-per-epoch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evals-per-epoch", type=int, default=2,
+                   help="validation accuracy and loss this many times per epoch")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the split, the head's initialisation, batches and dropout")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous finetune run in --out")
     p.add_argument("--quiet", action="store_true", help="print only the final line, not one "
@@ -841,7 +863,7 @@ def add_finetune_parser(sub):
 
 def cmd_finetune(args) -> int:
     columns = None
-    if args.text_columns is not None:
+    if getattr(args, "text_columns", None) is not None:
         columns = [c.strip() for c in args.text_columns.split(",")]
     result = finetune(
         args.data, args.init, args.out, text_columns=columns, label_column=args.label_column,
