@@ -292,10 +292,13 @@ def test_out_of_memory_is_one_line(capsys, monkeypatch, text_file):
     import tinylm.training  # noqa: F401
 
     def no_memory(*args, **kwargs):
-        raise MemoryError
+        raise MemoryError("Unable to allocate 3.73 GiB for an array with shape (64, 1024, 16384)"
+                          " and data type float32")  # what NumPy says
 
     monkeypatch.setattr(sys.modules["tinylm.training"], "train", no_memory)
-    fails(capsys, ["train", "--text", str(text_file), "--steps", "2"], "out of memory")
+    err = fails(capsys, ["train", "--text", str(text_file), "--steps", "2"], "out of memory")
+    assert "3.73 GiB" in err and "(64, 1024, 16384)" in err  # what could not be allocated
+    assert "--batch-size" in err  # and what to change
 
 
 # -- the commands that live next to their code (pretraining, finetuning, exercises) ---------------
@@ -332,3 +335,18 @@ def test_info_describes_a_pretraining_run(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "BERT encoder, 1 layers x 2 heads x 32" in text and "heads: pooler, MLM, NSP" in text
     assert "mlm accuracy" in text and "WordPieceTokenizer" in text
+
+
+def test_info_shows_what_it_can_of_a_run_with_a_damaged_metrics_file(capsys, run_dir, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    lines = (damaged / "metrics.jsonl").read_text().splitlines()
+    lines[0] = '{"step": 1, "train_loss": oops'
+    (damaged / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    code = cli.main(["info", str(damaged)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "parameters" in captured.out and "checkpoint/" in captured.out  # the rest is shown
+    assert "metrics.jsonl, line 1" in captured.err and captured.err.count("\n") == 1

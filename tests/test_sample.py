@@ -198,15 +198,22 @@ def test_sample_next_greedy_and_seeded():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(temperature=-1.0), "temperature must be a number >= 0 (0 = greedy), got -1.0"),
-        (dict(temperature=float("nan")), "temperature must be a number >= 0 (0 = greedy), got nan"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
+        (
+            dict(temperature=float("nan")),
+            "temperature must be a finite number >= 0 (0 = greedy), got nan",
+        ),
+        (
+            dict(temperature=float("inf")),
+            "temperature must be a finite number >= 0 (0 = greedy), got inf",
+        ),
         (dict(top_k=0), "top_k must be a positive integer or None, got 0"),
         (dict(top_k=2.5), "top_k must be a positive integer or None, got 2.5"),
         (dict(top_k=-3), "top_k must be a positive integer or None, got -3"),
         (dict(top_p=0.0), "top_p must be a number in (0, 1] or None, got 0.0"),
         (dict(top_p=1.5), "top_p must be a number in (0, 1] or None, got 1.5"),
         (dict(top_p=-0.2), "top_p must be a number in (0, 1] or None, got -0.2"),
-        (dict(temperature=None), "temperature must be a number >= 0 (0 = greedy), got None"),
+        (dict(temperature=None), "temperature must be a finite number >= 0 (0 = greedy), got None"),
         (dict(top_k=True), "top_k must be a positive integer or None, got True"),
         (dict(top_k="a"), "top_k must be a positive integer or None, got 'a'"),
         (dict(top_p="0.5"), "top_p must be a number in (0, 1] or None, got '0.5'"),

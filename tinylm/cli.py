@@ -497,8 +497,13 @@ def cmd_info(args) -> int:
         f"{tc.get('lr')} -> {tc.get('min_lr')} (warmup {tc.get('warmup_steps')}), weight decay "
         f"{tc.get('weight_decay')}, clip {tc.get('grad_clip')}, seed {tc.get('seed')}"
     )
+    damaged = None  # a damaged metrics.jsonl: everything else is still shown, then the error
     if (run_dir / METRICS_FILE).is_file():
-        records = read_metrics(run_dir)
+        try:
+            records = read_metrics(run_dir)
+        except ValueError as err:
+            damaged, records = err, []
+            print("metrics        cannot be read (the error follows)")
         evals = [r for r in records if r.get("val_loss") is not None]
         if records:
             print(f"last record    {format_record(records[-1])}")
@@ -519,6 +524,8 @@ def cmd_info(args) -> int:
             print(f"  {path.name + '/':16s} {_human(size):>10s}  ({len(files)} files)")
         else:
             print(f"  {path.name:16s} {_human(path.stat().st_size):>10s}")
+    if damaged is not None:
+        raise damaged  # printed as one line by main(), exit status 2
     return 0
 
 
@@ -598,6 +605,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What to make smaller when a command runs out of memory.
+OOM_FLAGS = {
+    "train": "a smaller --n-embd, --n-layer, --block-size, --batch-size or --vocab-size",
+    "pretrain": "a smaller --n-embd, --n-layer, --block-size, --batch-size or --vocab-size",
+    "finetune": "a smaller --batch-size or --max-length",
+    "sample": "fewer --num-samples or --max-new-tokens",
+    "eval": "a smaller --batch-size",
+    "classify": "fewer texts at a time",
+}
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -618,12 +636,12 @@ def main(argv=None) -> int:
         message = " ".join(str(err).split())  # one line, whatever the message holds
         print(f"tinylm: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    except MemoryError:
-        print(
-            "tinylm: error: out of memory; choose smaller sizes "
-            "(--n-embd, --n-layer, --block-size, --batch-size, --vocab-size)",
-            file=sys.stderr,
-        )
+    except MemoryError as err:
+        # NumPy says what it could not allocate ("Unable to allocate 3.7 GiB for an array with
+        # shape (...)"); the flags that size this command's arrays say what to change.
+        what = " ".join(str(err).split()) or "an array did not fit"
+        flags = OOM_FLAGS.get(args.command, "smaller sizes")
+        print(f"tinylm: error: out of memory ({what}); try {flags}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ntinylm: interrupted", file=sys.stderr)

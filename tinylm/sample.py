@@ -16,6 +16,8 @@ model's forward.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -25,8 +27,10 @@ def _is_number(x):
 
 def check_sampling_args(temperature, top_k, top_p):
     """Raise TypeError/ValueError naming the argument when a sampling setting is wrong."""
-    if not _is_number(temperature) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
+        )
     if top_k is not None and (
         not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1
     ):
