@@ -90,7 +90,7 @@ def test_adamw_minimises_a_quadratic():
     params = {"w": np.zeros((5, 5))}
     opt = AdamW(params, lr=0.05)
     for step in range(1500):
-        lr = lr_schedule(step, 0.05, warmup_steps=10, max_steps=1500, min_lr=1e-4)
+        lr = lr_schedule(step, 0.05, warmup_steps=10, decay_steps=1500, min_lr=1e-4)
         opt.step({"w": d * (params["w"] - target)}, lr=lr)
     np.testing.assert_allclose(params["w"], target, atol=1e-3)
 
@@ -321,16 +321,16 @@ def test_clip_grad_norm_bad_arguments():
 
 
 def test_lr_schedule_warmup_values():
-    lrs = [lr_schedule(s, lr=1.0, warmup_steps=4, max_steps=20, min_lr=0.1) for s in range(4)]
+    lrs = [lr_schedule(s, lr=1.0, warmup_steps=4, decay_steps=20, min_lr=0.1) for s in range(4)]
     assert lrs == [0.25, 0.5, 0.75, 1.0]  # lr * (step + 1) / warmup_steps
 
 
 def test_lr_schedule_endpoints_and_monotonic():
-    lr, min_lr, warmup, max_steps = 6e-4, 6e-5, 10, 100
-    lrs = [lr_schedule(s, lr, warmup, max_steps, min_lr) for s in range(130)]
+    lr, min_lr, warmup, decay_steps = 6e-4, 6e-5, 10, 100
+    lrs = [lr_schedule(s, lr, warmup, decay_steps, min_lr) for s in range(130)]
     assert lrs[warmup - 1] == lr and lrs[warmup] == lr  # the cosine starts at the peak
-    assert lrs[max_steps] == min_lr and all(x == min_lr for x in lrs[max_steps:])
-    mid = (warmup + max_steps) // 2
+    assert lrs[decay_steps] == min_lr and all(x == min_lr for x in lrs[decay_steps:])
+    mid = (warmup + decay_steps) // 2
     assert lrs[mid] == pytest.approx((lr + min_lr) / 2)  # cos(pi / 2) = 0: half way
     assert np.all(np.diff(lrs[:warmup]) > 0)  # rising during warmup
     assert np.all(np.diff(lrs[warmup:]) <= 0)  # then never rising
@@ -338,17 +338,29 @@ def test_lr_schedule_endpoints_and_monotonic():
 
 
 def test_lr_schedule_without_warmup_and_returns_float():
-    assert lr_schedule(0, lr=1.0, warmup_steps=0, max_steps=10, min_lr=0.0) == 1.0
+    assert lr_schedule(0, lr=1.0, warmup_steps=0, decay_steps=10, min_lr=0.0) == 1.0
     assert isinstance(lr_schedule(np.int64(3), np.float32(1.0), 2, 10, 0.0), float)
-    assert lr_schedule(5, lr=1.0, warmup_steps=5, max_steps=5, min_lr=0.2) == 0.2
+    assert lr_schedule(5, lr=1.0, warmup_steps=5, decay_steps=5, min_lr=0.2) == 0.2
 
 
 def test_lr_schedule_bad_arguments():
     with pytest.raises(ValueError, match="step must be a non-negative integer, got -1"):
         lr_schedule(-1, 1.0, 1, 10, 0.0)
-    with pytest.raises(ValueError, match="warmup_steps must be at most max_steps=10, got 11"):
+    with pytest.raises(ValueError, match="warmup_steps must be at most decay_steps=10, got 11"):
         lr_schedule(0, 1.0, 11, 10, 0.0)
     with pytest.raises(ValueError, match="min_lr must be at most lr=0.1, got 0.2"):
         lr_schedule(0, 0.1, 1, 10, 0.2)
     with pytest.raises(ValueError, match="lr must be a finite number >= 0.0, got -0.1"):
         lr_schedule(0, -0.1, 1, 10, 0.0)
+
+
+def test_lr_schedule_takes_decay_steps_and_its_old_name():
+    # TrainConfig calls the length of the decay lr_decay_steps; the schedule's parameter says
+    # decay_steps too. Code written for the old name max_steps gets the same numbers.
+    new = [lr_schedule(s, 1.0, 3, decay_steps=12, min_lr=0.1) for s in range(15)]
+    old = [lr_schedule(s, 1.0, 3, max_steps=12, min_lr=0.1) for s in range(15)]
+    assert new == old == [lr_schedule(s, 1.0, 3, 12, 0.1) for s in range(15)]
+    with pytest.raises(TypeError, match="not both"):
+        lr_schedule(0, 1.0, 3, 12, 0.1, max_steps=12)
+    with pytest.raises(ValueError, match="warmup_steps must be at most decay_steps=2"):
+        lr_schedule(0, 1.0, 3, 2, 0.1)

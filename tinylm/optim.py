@@ -8,7 +8,7 @@ the arrays IN PLACE (``p -= ...``), so the model sees the new values without bei
 
 One training step reads:
 
-    lr_now = lr_schedule(step, lr, warmup_steps, max_steps, min_lr)
+    lr_now = lr_schedule(step, lr, warmup_steps, decay_steps, min_lr)
     norm = clip_grad_norm(grads, max_norm=1.0)
     optimizer.step(grads, lr=lr_now)
 
@@ -361,30 +361,41 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
     return total_norm
 
 
-def lr_schedule(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
+def lr_schedule(step: int, lr: float, warmup_steps: int, decay_steps: int | None = None,
+                min_lr: float | None = None, *, max_steps: int | None = None) -> float:
     """The learning rate at ``step`` (counted from 0): linear warmup, then cosine decay.
 
-        step < warmup_steps:               lr * (step + 1) / warmup_steps
-        warmup_steps <= step < max_steps:  min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * r)),
-                                           r = (step - warmup_steps) / (max_steps - warmup_steps)
-        step >= max_steps:                 min_lr
+        step < warmup_steps:                lr * (step + 1) / warmup_steps
+        warmup_steps <= step < decay_steps: min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * r)),
+                                            r = (step - warmup_steps) / (decay_steps - warmup_steps)
+        step >= decay_steps:                min_lr
 
     The warmup: step 0 already gets lr / warmup_steps (not 0, which would waste a
     step), and step warmup_steps - 1 reaches lr. The cosine starts at lr (r = 0) and ends at
-    min_lr (r = 1). Returns a Python float.
+    min_lr (r = 1). ``decay_steps`` is TrainConfig's ``lr_decay_steps``; ``max_steps`` is its
+    old name, still accepted. Returns a Python float.
     """
-    for name, value in (("step", step), ("warmup_steps", warmup_steps), ("max_steps", max_steps)):
+    if max_steps is not None:
+        if decay_steps is not None:
+            raise TypeError("give decay_steps or its old name max_steps, not both")
+        decay_steps = max_steps
+    if decay_steps is None or min_lr is None:
+        raise TypeError("lr_schedule needs step, lr, warmup_steps, decay_steps and min_lr")
+    for name, value in (("step", step), ("warmup_steps", warmup_steps),
+                        ("decay_steps", decay_steps)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     lr = _check_number("lr", lr)
     min_lr = _check_number("min_lr", min_lr)
     if min_lr > lr:
         raise ValueError(f"min_lr must be at most lr={lr}, got {min_lr}")
-    if warmup_steps > max_steps:
-        raise ValueError(f"warmup_steps must be at most max_steps={max_steps}, got {warmup_steps}")
+    if warmup_steps > decay_steps:
+        raise ValueError(
+            f"warmup_steps must be at most decay_steps={decay_steps}, got {warmup_steps}"
+        )
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    if step >= max_steps:
+    if step >= decay_steps:
         return min_lr
-    ratio = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1 over the decay
+    ratio = (step - warmup_steps) / (decay_steps - warmup_steps)  # 0 -> 1 over the decay
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * ratio))
