@@ -33,7 +33,6 @@ import argparse
 import shlex
 import sys
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -48,10 +47,12 @@ from tinylm.training import (
     check_choice_setting,
     check_float_setting,
     check_int_setting,
+    check_loop_settings,
     check_memory,
     load_training_text,
     resolve_config,
     run_training,
+    settings_from_dict,
 )
 from tinylm.wordpiece import WordPieceTokenizer
 
@@ -130,40 +131,12 @@ class PretrainConfig:
             check_int_setting(name, getattr(self, name), low=0)
         check_int_setting("vocab_size", self.vocab_size, low=6)  # 5 special tokens and one more
         check_int_setting("block_size", self.block_size, low=5)  # [CLS] a [SEP] b [SEP]
-        if self.lr_decay_steps is not None:
-            check_int_setting("lr_decay_steps", self.lr_decay_steps, low=1)
-        self.lr = check_float_setting("lr", self.lr, low=0.0, low_open=True)
-        self.min_lr = check_float_setting("min_lr", self.min_lr, low=0.0)
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr must be at most lr={self.lr}, got {self.min_lr}")
-        self.weight_decay = check_float_setting("weight_decay", self.weight_decay, low=0.0)
-        self.beta1 = check_float_setting("beta1", self.beta1, low=0.0, high=1.0)
-        self.beta2 = check_float_setting("beta2", self.beta2, low=0.0, high=1.0)
-        self.eps = check_float_setting("eps", self.eps, low=0.0, low_open=True)
-        self.grad_clip = check_float_setting("grad_clip", self.grad_clip, low=0.0)
-        self.dropout = check_float_setting("dropout", self.dropout, low=0.0, high=1.0)
-        self.val_fraction = check_float_setting(
-            "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True
-        )
         self.mlm_probability = check_float_setting(
             "mlm_probability", self.mlm_probability, low=0.0, high=1.0, low_open=True
         )
-        for name in ("nsp", "overwrite", "verbose"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.progress is not None and not isinstance(self.progress, bool):
-            raise ValueError(f"progress must be true, false or null, got {self.progress!r}")
-        for name in ("text", "out", "resume"):
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, (str, Path)) or not str(value):
-                    raise ValueError(f"{name} must be a path, got {value!r}")
-                setattr(self, name, str(value))
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"n_embd must be divisible by n_head, got n_embd={self.n_embd} "
-                f"and n_head={self.n_head}"
-            )
+        if not isinstance(self.nsp, bool):
+            raise ValueError(f"nsp must be true or false, got {self.nsp!r}")
+        check_loop_settings(self, paths=("text", "out", "resume"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,17 +144,7 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "the settings") -> PretrainConfig:
         """A PretrainConfig from a dict of settings; unknown keys are an error naming them."""
-        if not isinstance(d, dict):
-            raise ValueError(
-                f"{source}: expected a JSON object of settings, got {type(d).__name__}"
-            )
-        unknown = sorted(set(d) - set(PRETRAIN_SETTINGS))
-        if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as err:  # a setting of the wrong kind or out of range
-            raise ValueError(f"{source}: {err}") from err
+        return settings_from_dict(cls, d, source)
 
     def model_config(self, tokenizer: WordPieceTokenizer) -> BertConfig:
         """The Bert's settings, for this tokenizer."""

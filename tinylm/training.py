@@ -179,41 +179,14 @@ class TrainConfig:
             check_int_setting(name, getattr(self, name), low=1)
         for name in ("warmup_steps", "sample_tokens", "seed"):
             check_int_setting(name, getattr(self, name), low=0)
-        if self.lr_decay_steps is not None:
-            check_int_setting("lr_decay_steps", self.lr_decay_steps, low=1)
         if self.tokenizer == "bpe" and self.vocab_size < 257:
             raise ValueError(
                 f"vocab_size must be >= 257 for BPE (256 bytes + EOT), got {self.vocab_size}"
             )
-        self.lr = check_float_setting("lr", self.lr, low=0.0, low_open=True)
-        self.min_lr = check_float_setting("min_lr", self.min_lr, low=0.0)
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr must be at most lr={self.lr}, got {self.min_lr}")
-        self.weight_decay = check_float_setting("weight_decay", self.weight_decay, low=0.0)
-        self.beta1 = check_float_setting("beta1", self.beta1, low=0.0, high=1.0)
-        self.beta2 = check_float_setting("beta2", self.beta2, low=0.0, high=1.0)
-        self.eps = check_float_setting("eps", self.eps, low=0.0, low_open=True)
-        self.grad_clip = check_float_setting("grad_clip", self.grad_clip, low=0.0)
-        self.dropout = check_float_setting("dropout", self.dropout, low=0.0, high=1.0)
-        self.val_fraction = check_float_setting(
-            "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True
-        )
-        for name in ("bias", "tie_weights", "overwrite", "verbose"):
+        for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.progress is not None and not isinstance(self.progress, bool):
-            raise ValueError(f"progress must be true, false or null, got {self.progress!r}")
-        for name in ("text", "init_from", "out", "resume"):
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, (str, Path)) or not str(value):
-                    raise ValueError(f"{name} must be a path, got {value!r}")
-                setattr(self, name, str(value))
-        if self.n_embd % self.n_head != 0:  # checked before any corpus is loaded
-            raise ValueError(
-                f"n_embd must be divisible by n_head, got n_embd={self.n_embd} "
-                f"and n_head={self.n_head}"
-            )
+        check_loop_settings(self, paths=("text", "init_from", "out", "resume"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,17 +194,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "the settings") -> TrainConfig:
         """A TrainConfig from a dict of settings; unknown keys are an error naming them."""
-        if not isinstance(d, dict):
-            raise ValueError(
-                f"{source}: expected a JSON object of settings, got {type(d).__name__}"
-            )
-        unknown = sorted(set(d) - set(SETTINGS))
-        if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as err:  # a setting of the wrong kind or out of range
-            raise ValueError(f"{source}: {err}") from err
+        return settings_from_dict(cls, d, source)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model's settings; its checks (e.g. n_embd divisible by n_head) run here too."""
@@ -267,6 +230,56 @@ MODEL_SETTINGS = (
 
 # The checks of one scalar setting of a run (TrainConfig, PretrainConfig): ValueError naming it.
 
+
+
+def check_loop_settings(cfg, paths) -> None:
+    """The checks every run's settings share (TrainConfig, PretrainConfig): the schedule, AdamW,
+    clipping, dropout, the validation fraction, the switches, the paths, the head split. Floats
+    are stored back as Python floats."""
+    if cfg.lr_decay_steps is not None:
+        check_int_setting("lr_decay_steps", cfg.lr_decay_steps, low=1)
+    cfg.lr = check_float_setting("lr", cfg.lr, low=0.0, low_open=True)
+    cfg.min_lr = check_float_setting("min_lr", cfg.min_lr, low=0.0)
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"min_lr must be at most lr={cfg.lr}, got {cfg.min_lr}")
+    cfg.weight_decay = check_float_setting("weight_decay", cfg.weight_decay, low=0.0)
+    cfg.beta1 = check_float_setting("beta1", cfg.beta1, low=0.0, high=1.0)
+    cfg.beta2 = check_float_setting("beta2", cfg.beta2, low=0.0, high=1.0)
+    cfg.eps = check_float_setting("eps", cfg.eps, low=0.0, low_open=True)
+    cfg.grad_clip = check_float_setting("grad_clip", cfg.grad_clip, low=0.0)
+    cfg.dropout = check_float_setting("dropout", cfg.dropout, low=0.0, high=1.0)
+    cfg.val_fraction = check_float_setting(
+        "val_fraction", cfg.val_fraction, low=0.0, high=1.0, low_open=True
+    )
+    for name in ("overwrite", "verbose"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    if cfg.progress is not None and not isinstance(cfg.progress, bool):
+        raise ValueError(f"progress must be true, false or null, got {cfg.progress!r}")
+    for name in paths:
+        value = getattr(cfg, name)
+        if value is not None:
+            if not isinstance(value, (str, Path)) or not str(value):
+                raise ValueError(f"{name} must be a path, got {value!r}")
+            setattr(cfg, name, str(value))
+    if cfg.n_embd % cfg.n_head != 0:  # checked before any corpus is loaded
+        raise ValueError(
+            f"n_embd must be divisible by n_head, got n_embd={cfg.n_embd} "
+            f"and n_head={cfg.n_head}"
+        )
+
+
+def settings_from_dict(cls, d, source: str):
+    """cls(**d) for a settings dataclass, every problem a ValueError that names ``source``."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object of settings, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as err:  # a setting of the wrong kind or out of range
+        raise ValueError(f"{source}: {err}") from err
 
 def check_choice_setting(name, value, choices):
     if value not in choices:
