@@ -85,6 +85,21 @@ def _read_config_file(path, known) -> dict:
     return settings
 
 
+def settings_flag(defaults):
+    """A function that adds a flag for one setting of ``defaults`` (a TrainConfig or a
+    PretrainConfig) to an argument group. Flags default to "not given" (SUPPRESS), so that only
+    the flags typed override --config and a resumed run's own settings; the help shows the
+    setting's default."""
+
+    def setting(group, flag, help, dest=None, **kwargs):
+        dest = dest or flag[2:].replace("-", "_")
+        if kwargs.get("action") != "store_false":  # a --no-... flag: its name says it all
+            help = f"{help} (default: {getattr(defaults, dest)})"
+        group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help, **kwargs)
+
+    return setting
+
+
 def _add_train_parser(sub):
     from tinylm.training import TrainConfig
 
@@ -99,13 +114,7 @@ def _add_train_parser(sub):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def setting(group, flag, help, dest=None, **kwargs):
-        # Flags default to "not given" (SUPPRESS), so that only the flags typed override
-        # --config and a resumed run's own settings; the help shows TrainConfig's default.
-        dest = dest or flag[2:].replace("-", "_")
-        if kwargs.get("action") != "store_false":  # a --no-... flag: its name says it all
-            help = f"{help} (default: {getattr(defaults, dest)})"
-        group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help, **kwargs)
+    setting = settings_flag(defaults)
 
     g = p.add_argument_group("data")
     setting(g, "--corpus", "built-in corpus, when no --text is given", choices=("pydoc", "stdlib"))

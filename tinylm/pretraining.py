@@ -343,12 +343,9 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def setting(group, flag, help, dest=None, **kwargs):
-        # As for tinylm train: only the flags typed override --config and a resumed run.
-        dest = dest or flag[2:].replace("-", "_")
-        if kwargs.get("action") != "store_false":
-            help = f"{help} (default: {getattr(defaults, dest)})"
-        group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help, **kwargs)
+    from tinylm.cli import settings_flag
+
+    setting = settings_flag(defaults)  # as for tinylm train: only the flags typed override
 
     g = p.add_argument_group("data")
     setting(g, "--corpus", "built-in corpus, when no --text is given", choices=data_io.CORPORA)
