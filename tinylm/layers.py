@@ -11,7 +11,10 @@ Every backward quotes the forward formula it differentiates and the result.
 
 Shape legend (used in every comment):
     B batch, T time (sequence length), C channels (n_embd), V vocabulary,
-    H heads, D head size (C = H * D), N any number of leading positions.
+    H heads, D head size (C = H * D), R rows: any leading axes flattened into one (R = B*T in
+    the model), N the number of counted (not ignored) positions in the mean of the loss.
+The symbols are those of docs/math.md, whose table lists them all: y the target id, S the
+scores, P the attention probabilities, mu and rstd layer norm's mean and 1/std.
 
 Every function is written against an array module ``xp`` taken from its inputs,
 so the same lines run on NumPy (CPU) and CuPy (GPU); see tinylm/backend.py.
@@ -138,7 +141,7 @@ def linear_forward(x, W, b=None):
             f"x: last dimension must equal W's first (Cin = {W.shape[0]}), "
             f"got x of shape {tuple(x.shape)}"
         )
-    # One (N, Cin) @ (Cin, Cout) product over all leading positions: a single large matrix
+    # One (R, Cin) @ (Cin, Cout) product over all leading positions: a single large matrix
     # multiply is much faster than a batch of small ones.
     out = (x.reshape(-1, W.shape[0]) @ W).reshape(*x.shape[:-1], W.shape[1])  # (..., Cout)
     if b is not None:
@@ -152,18 +155,18 @@ def linear_forward(x, W, b=None):
 def linear_backward(dout, cache):
     """Gradients of out = x @ W + b.
 
-    Forward:  out[n, j] = sum_i x[n, i] W[i, j] + b[j]      (n runs over all leading positions)
+    Forward:  out[r, j] = sum_i x[r, i] W[i, j] + b[j]      (r runs over all R leading rows)
     Backward: dx = dout @ W^T                  (..., Cout) @ (Cout, Cin) -> (..., Cin)
-              dW = x^T @ dout, summed over n   (Cin, N) @ (N, Cout)     -> (Cin, Cout)
-              db = sum_n dout[n, :]                                     -> (Cout,)
+              dW = x^T @ dout, summed over r   (Cin, R) @ (R, Cout)     -> (Cin, Cout)
+              db = sum_r dout[r, :]                                     -> (Cout,)
     Returns (dx, dW, db); db is None when the forward had no bias.
     """
     x, W, has_bias = cache
     Cin, Cout = W.shape
-    dout2 = dout.reshape(-1, Cout)  # (N, Cout)
-    x2 = x.reshape(-1, Cin)  # (N, Cin)
-    dx = (dout2 @ W.T).reshape(x.shape)  # (N, Cout) @ (Cout, Cin) -> (N, Cin) -> (..., Cin)
-    dW = x2.T @ dout2  # (Cin, N) @ (N, Cout) -> (Cin, Cout)
+    dout2 = dout.reshape(-1, Cout)  # (R, Cout)
+    x2 = x.reshape(-1, Cin)  # (R, Cin)
+    dx = (dout2 @ W.T).reshape(x.shape)  # (R, Cout) @ (Cout, Cin) -> (R, Cin) -> (..., Cin)
+    dW = x2.T @ dout2  # (Cin, R) @ (R, Cout) -> (Cin, Cout)
     db = dout2.sum(axis=0) if has_bias else None
     return dx, dW, db
 
@@ -327,12 +330,12 @@ def softmax_forward(x, axis=-1):
 
 
 def softmax_backward(dout, cache):
-    """Gradient through y = softmax(x).
+    """Gradient through p = softmax(x) (the cached output, named y below).
 
-    Forward:  y_i = exp(x_i) / sum_j exp(x_j)
-    Jacobian: dy_i/dx_j = y_i (delta_ij - y_j)
-    Backward: dx_j = sum_i dout_i y_i (delta_ij - y_j) = y_j (dout_j - sum_i dout_i y_i)
-    A fully masked row has y = 0, so its gradient is 0.
+    Forward:  p_i = exp(x_i) / sum_j exp(x_j)
+    Jacobian: dp_i/dx_j = p_i (delta_ij - p_j)
+    Backward: dx_j = sum_i dout_i p_i (delta_ij - p_j) = p_j (dout_j - sum_i dout_i p_i)
+    A fully masked row has p = 0, so its gradient is 0.
     """
     y, axis = cache
     return y * (dout - (dout * y).sum(axis=axis, keepdims=True))
@@ -464,9 +467,9 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
         )
     xp = get_array_module(logits, targets)
     V = logits.shape[-1]
-    z = logits.reshape(-1, V)  # (N, V)
-    y = targets.reshape(-1)  # (N,)
-    counted = y != ignore_index  # (N,)
+    z = logits.reshape(-1, V)  # (R, V)
+    y = targets.reshape(-1)  # (R,)
+    counted = y != ignore_index  # (R,)
     if y.size:
         y_counted = y[counted]
         if y_counted.size and (int(y_counted.min()) < 0 or int(y_counted.max()) >= V):
@@ -476,29 +479,29 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
             )
     y_safe = xp.where(counted, y, 0)  # any valid column for ignored rows; they are zeroed below
 
-    m = z.max(axis=-1, keepdims=True)  # (N, 1)
-    e = xp.exp(z - m)  # (N, V), every entry in (0, 1]
-    sum_e = e.sum(axis=-1, keepdims=True)  # (N, 1)
-    lse = m + xp.log(sum_e)  # (N, 1), logsumexp(z)
-    logp_target = xp.take_along_axis(z, y_safe[:, None], axis=-1) - lse  # (N, 1)
+    m = z.max(axis=-1, keepdims=True)  # (R, 1)
+    e = xp.exp(z - m)  # (R, V), every entry in (0, 1]
+    sum_e = e.sum(axis=-1, keepdims=True)  # (R, 1)
+    lse = m + xp.log(sum_e)  # (R, 1), logsumexp(z)
+    logp_target = xp.take_along_axis(z, y_safe[:, None], axis=-1) - lse  # (R, 1)
     n_counted = int(counted.sum())
-    weight = counted.astype(z.dtype) / max(n_counted, 1)  # (N,), 1/n for counted rows, else 0
+    weight = counted.astype(z.dtype) / max(n_counted, 1)  # (R,), 1/N for counted rows, else 0
     loss = -(logp_target[:, 0] * weight).sum()
-    probs = e / sum_e  # (N, V), softmax(z), kept for the backward
+    probs = e / sum_e  # (R, V), softmax(z), kept for the backward
     return loss, (probs, y_safe, weight, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
     """Gradient of the mean cross-entropy with respect to the logits.
 
-    Forward:  L = (1/n) sum_counted -log softmax(z_r)[y_r]
+    Forward:  L = (1/N) sum_counted -log softmax(z_r)[y_r],  N = the number of counted rows
     Backward: the softmax and the log fuse into one clean formula,
-                  dL/dz_r = (p_r - onehot(y_r)) / n      for a counted row r, 0 for an ignored one,
+                  dL/dz_r = (p_r - onehot(y_r)) / N      for a counted row r, 0 for an ignored one,
               with p_r = softmax(z_r); dlogits = dloss * dL/dz, reshaped like the logits.
     """
     probs, y_safe, weight, logits_shape = cache
     xp = get_array_module(probs)
-    dz = probs.copy()  # (N, V)
+    dz = probs.copy()  # (R, V)
     rows = xp.arange(dz.shape[0])
     dz[rows, y_safe] -= 1.0  # p - onehot(y)
     dz *= (weight * dloss)[:, None]
