@@ -188,6 +188,7 @@ def gpt_block_figure():
 def layernorm_figure():
     """Layer norm's forward as a graph of elementary steps, with the backward on its edges.
 
+    The letters are docs/math.md's: R rows of C channels, rstd = 1/sqrt(var + eps), out the output.
     x feeds two nodes (the mean and the centring), and the centred xc feeds two more (the
     variance and the normalisation): at each such fan-out the backward sums the gradients that
     come back along the outgoing edges. That sum is why layernorm_backward has three terms.
@@ -200,13 +201,13 @@ def layernorm_figure():
     ax.axis("off")
 
     nodes = {  # name: (x, y, label)
-        "x": (0.3, 1.5, "$x$\n(N, C)"),
+        "x": (0.3, 1.5, "$x$\n(R, C)"),
         "mu": (2.6, 3.2, "$\\mu = \\frac{1}{C}\\sum_j x_j$"),
         "xc": (4.4, 1.5, "$x_c = x - \\mu$"),
         "var": (6.6, 3.2, "$\\sigma^2 = \\frac{1}{C}\\sum_j x_{c,j}^2$"),
-        "rstd": (9.2, 3.2, "$r = (\\sigma^2 + \\epsilon)^{-1/2}$"),
-        "xhat": (9.2, 1.5, "$\\hat x = x_c \\, r$"),
-        "y": (12.0, 1.5, "$y = \\gamma \\odot \\hat x + \\beta$"),
+        "rstd": (9.2, 3.2, "$\\mathrm{rstd} = (\\sigma^2 + \\varepsilon)^{-1/2}$"),
+        "xhat": (9.2, 1.5, "$\\hat x = x_c \\, \\mathrm{rstd}$"),
+        "out": (12.0, 1.5, "$\\mathrm{out} = \\gamma \\odot \\hat x + \\beta$"),
     }
     for x, y, label in nodes.values():
         _box(ax, (x, y), label, width=2.15, height=0.8, fontsize=10.5)
@@ -218,7 +219,7 @@ def layernorm_figure():
         ("xc", "xhat", None),
         ("var", "rstd", None),
         ("rstd", "xhat", None),
-        ("xhat", "y", None),
+        ("xhat", "out", None),
     ]
     for a, b, _ in edges:
         xa, ya, _ = nodes[a]
@@ -228,11 +229,12 @@ def layernorm_figure():
 
     # the backward, node by node (red), written where each gradient is formed
     back = [
-        (12.0, 0.45, "$d\\hat x = \\gamma \\odot dy$\n$d\\gamma = \\sum_n dy \\odot \\hat x$,  "
-                     "$d\\beta = \\sum_n dy$"),
-        (9.2, 4.0, "$dr = \\sum_j d\\hat x_j \\, x_{c,j}$"),
-        (6.6, 4.0, "$d\\sigma^2 = -\\frac{1}{2} r^3 \\, dr$"),
-        (5.5, 0.25, "$dx_c = d\\hat x \\, r + \\frac{2}{C} x_c \\, d\\sigma^2$\n"
+        (12.0, 0.45, "$d\\hat x = \\gamma \\odot d\\mathrm{out}$\n"
+                     "$d\\gamma = \\sum_r d\\mathrm{out} \\odot \\hat x$,  "
+                     "$d\\beta = \\sum_r d\\mathrm{out}$"),
+        (9.2, 4.0, "$d\\mathrm{rstd} = \\sum_j d\\hat x_j \\, x_{c,j}$"),
+        (6.6, 4.0, "$d\\sigma^2 = -\\frac{1}{2} \\mathrm{rstd}^3 \\, d\\mathrm{rstd}$"),
+        (5.5, 0.25, "$dx_c = d\\hat x \\, \\mathrm{rstd} + \\frac{2}{C} x_c \\, d\\sigma^2$\n"
                     "(two edges leave $x_c$: their gradients add)"),
         (2.6, 4.0, "$d\\mu = -\\sum_j dx_{c,j}$"),
         (1.0, -0.55, "$dx = dx_c + \\frac{1}{C} d\\mu$\n(two edges leave $x$: they add)"),
@@ -240,7 +242,7 @@ def layernorm_figure():
     for x, y, text in back:
         ax.text(x, y, text, color=BACKWARD, fontsize=9.5, ha="center", va="center")
     ax.text(6.2, -1.35,
-            "Together:  $dx = r\\,(d\\hat x - \\mathrm{mean}_j\\, d\\hat x_j "
+            "Together:  $dx = \\mathrm{rstd}\\,(d\\hat x - \\mathrm{mean}_j\\, d\\hat x_j "
             "- \\hat x \\; \\mathrm{mean}_j\\, d\\hat x_j \\hat x_j)$,  "
             "the line in layers.layernorm_backward",
             fontsize=10, color=BACKWARD, ha="center")
