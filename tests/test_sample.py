@@ -264,6 +264,22 @@ def test_cached_logits_equal_the_full_forward(positions):
             assert layer["k"].shape == layer["v"].shape == (B, 2, t + 1, 4)  # (B, H, seen, D)
 
 
+def test_kv_cache_fills_one_buffer_in_place_and_refuses_more_than_block_size():
+    model = random_model("learned", seed=2).eval()
+    idx = np.random.default_rng(4).integers(0, V, size=(1, BLOCK))
+    kv = [{} for _ in range(model.config.n_layer)]
+    model._forward_inference(idx[:, :3], kv, 0)
+    buffers = [layer["k_buffer"] for layer in kv]
+    for t in range(3, BLOCK):
+        model._forward_inference(idx[:, t : t + 1], kv, t)
+    for layer, buffer in zip(kv, buffers, strict=True):
+        assert layer["k_buffer"] is buffer  # the same buffer all along: nothing was regrown
+        assert buffer.shape == (1, 2, BLOCK, 4)  # (B, H, block_size, D)
+        assert np.shares_memory(layer["k"], buffer) and layer["k"].shape == (1, 2, BLOCK, 4)
+    with pytest.raises(ValueError, match=f"at most block_size={BLOCK}.*{BLOCK} are cached and 1"):
+        model._forward_inference(idx[:, :1], kv, BLOCK - 1)  # a valid position, a full cache
+
+
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
 @pytest.mark.parametrize("prompt_len, n_new", [(2, 3), (3, 9), (BLOCK, 4), (BLOCK + 2, 3)])
 def test_greedy_with_and_without_cache_match_the_plain_forward(positions, prompt_len, n_new):

@@ -329,7 +329,6 @@ class GPT:
         """
         P, h, cfg = self.params, f"h.{i}.", self.config
         c = {} if caches is not None else None
-        xp = get_array_module(x)
         B, T, C = x.shape
         H, D = cfg.n_head, cfg.head_size
         eps = cfg.layer_norm_epsilon
@@ -354,12 +353,11 @@ class GPT:
         # split into q, k, v and then into heads: (B, T, 3, H, D) -> 3 x (B, H, T, D)
         q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)
         if kv_cache is not None:
-            if "k" in kv_cache:
-                k = xp.concatenate([kv_cache["k"], k], axis=2)  # (B, H, T_past + T, D)
-                v = xp.concatenate([kv_cache["v"], v], axis=2)
-            kv_cache["k"], kv_cache["v"] = k, v
+            k, v = self._extend_kv_cache(kv_cache, k, v)  # (B, H, T_past + T, D)
         attention_forward, _ = self._attention_pair()
-        a, cache = attention_forward(q, k, v, causal=True)  # (B, H, T, D)
+        # A single query (T = 1, each step of cached generation) comes after every key it
+        # is given, so the causal mask would allow them all: it is skipped, not built.
+        a, cache = attention_forward(q, k, v, causal=T > 1)  # (B, H, T, D)
         if c is not None:
             c["attn"] = cache
         a = a.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads: (B, T, H, D) -> (B, T, C)
@@ -375,6 +373,35 @@ class GPT:
         if caches is not None:
             caches[i] = c
         return x
+
+    def _extend_kv_cache(self, kv_cache, k, v):
+        """Append this step's keys and values (B, H, T, D) to a layer's cache; return all of them.
+
+        The cache holds one (B, H, block_size, D) buffer for keys and one for values, made on
+        the first call and filled from the left. A new token then costs a copy of its own key
+        and value; growing an array by concatenation would copy the whole past at every token.
+        kv_cache["k"] and kv_cache["v"] are views of the filled part, (B, H, T_past + T, D).
+        """
+        xp = get_array_module(k)
+        B, H, T, D = k.shape
+        if "k_buffer" not in kv_cache:
+            shape = (B, H, self.config.block_size, D)
+            kv_cache["k_buffer"] = xp.empty(shape, dtype=k.dtype)
+            kv_cache["v_buffer"] = xp.empty(shape, dtype=v.dtype)
+            kv_cache["length"] = 0
+        start = kv_cache["length"]
+        end = start + T
+        if end > self.config.block_size:
+            raise ValueError(
+                f"the key/value cache holds at most block_size={self.config.block_size} "
+                f"positions; {start} are cached and {T} more were given"
+            )
+        kv_cache["k_buffer"][:, :, start:end] = k
+        kv_cache["v_buffer"][:, :, start:end] = v
+        kv_cache["length"] = end
+        kv_cache["k"] = kv_cache["k_buffer"][:, :, :end]  # (B, H, end, D), a view
+        kv_cache["v"] = kv_cache["v_buffer"][:, :, :end]
+        return kv_cache["k"], kv_cache["v"]
 
     def _attention_pair(self):
         """The attention forward/backward to call: layers.py's on the CPU; on the GPU the fused
