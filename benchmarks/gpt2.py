@@ -15,8 +15,11 @@ Measures, in one process:
     python benchmarks/gpt2.py                    # -> benchmarks/results/gpt2.json
     python benchmarks/gpt2.py --note "machine shared with other jobs"
 
-The 2-core test machine is often shared; the figures are best-of-repeats and the note says
-what the machine was doing.
+The 2-core test machine is often shared, and its memory bandwidth changes from hour to hour
+(19.8 GB/s one afternoon, 30.7 GB/s the next evening). So the ceiling is measured next to each
+generation run, in turns (bandwidth, generation, bandwidth, generation, ...), each run's
+tokens/s is divided by the ceiling measured just before it, and the figures quoted are medians
+over the repeats. The note says what the machine was doing.
 """
 
 from __future__ import annotations
@@ -66,17 +69,21 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
-def matvec_bandwidth(repeats: int) -> list[float]:
-    """GB/s of x (1, 8192) @ W (8192, 16384) float32 (512 MiB), one figure per repeat."""
-    W = np.random.default_rng(0).standard_normal((8192, 16384), dtype=np.float32)
-    x = np.ones((1, 8192), dtype=np.float32)
+def bandwidth_matrix() -> np.ndarray:
+    """The 512 MiB float32 matrix W (8192, 16384) that the bandwidth is measured on."""
+    return np.random.default_rng(0).standard_normal((8192, 16384), dtype=np.float32)
+
+
+def matvec_bandwidth(W: np.ndarray, repeats: int = 3) -> float:
+    """GB/s of x (1, 8192) @ W (8192, 16384): the median over repeats, after a warm-up."""
+    x = np.ones((1, W.shape[0]), dtype=np.float32)
     x @ W  # warm up the threads
     figures = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         x @ W
         figures.append(W.nbytes / (time.perf_counter() - t0) / 1e9)
-    return figures
+    return statistics.median(figures)
 
 
 def write_random_gpt2(path: Path):
@@ -93,26 +100,20 @@ def write_random_gpt2(path: Path):
     return sum(a.nbytes for a in model.params.values())
 
 
-def tokens_per_second(model, prompt, new_tokens, use_cache, repeats):
-    figures = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
-        figures.append(new_tokens / (time.perf_counter() - t0))
-    return figures
+def tokens_per_second(model, prompt, new_tokens, use_cache) -> float:
+    """New tokens per second of one greedy generation (the prompt's forward included)."""
+    t0 = time.perf_counter()
+    model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+    return new_tokens / (time.perf_counter() - t0)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--note", default="", help="what else the machine was doing")
     parser.add_argument("--json", default="benchmarks/results/gpt2.json")
     args = parser.parse_args(argv)
-
-    bandwidth = matvec_bandwidth(max(5, args.repeats))
-    print(f"matvec over 512 MiB float32: best {max(bandwidth):.1f} GB/s, "
-          f"median {statistics.median(bandwidth):.1f} GB/s")  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gpt2-small-random"
@@ -124,17 +125,29 @@ def main(argv=None):
             model = GPT.from_pretrained(path)
             load_s.append(time.perf_counter() - t0)
     n_params = model.num_params()
-    print(f"load: {n_params:,} parameters, {param_bytes / 2**20:.0f} MiB, best {min(load_s):.2f} s")
+    print(f"load: {n_params:,} parameters, {param_bytes / 2**20:.0f} MiB, "
+          f"median {statistics.median(load_s):.2f} s")  # fmt: skip
 
     prompt = np.random.default_rng(1).integers(0, GPT2_SMALL.vocab_size, size=(1, 32))
     model.generate(prompt, 2)  # warm up
-    with PeakRSS() as rss:
-        cached = tokens_per_second(model, prompt, args.new_tokens, True, args.repeats)
-    uncached = tokens_per_second(model, prompt, args.new_tokens, False, 1)
-    ceiling = max(bandwidth) * 1e9 / param_bytes  # tokens/s if every weight byte is read once
-    print(f"generate with cache: best {max(cached):.1f} tokens/s "
-          f"({max(cached) / ceiling:.0%} of the {ceiling:.1f} tokens/s ceiling); "
-          f"without: {max(uncached):.1f} tokens/s")  # fmt: skip
+    with PeakRSS() as rss:  # before the 512 MiB bandwidth matrix exists, so it is not counted
+        tokens_per_second(model, prompt, args.new_tokens, True)
+
+    # In turns: the ceiling now, then a generation run measured against it.
+    W = bandwidth_matrix()
+    bandwidth, cached, fractions = [], [], []
+    for _ in range(args.repeats):
+        bandwidth.append(matvec_bandwidth(W))
+        cached.append(tokens_per_second(model, prompt, args.new_tokens, True))
+        fractions.append(cached[-1] / (bandwidth[-1] * 1e9 / param_bytes))
+    del W
+    uncached = tokens_per_second(model, prompt, args.new_tokens, False)
+    ceiling = statistics.median(bandwidth) * 1e9 / param_bytes  # tokens/s reading each byte once
+    print(f"matvec over 512 MiB float32: median {statistics.median(bandwidth):.1f} GB/s, "
+          f"so a ceiling of {ceiling:.1f} tokens/s")  # fmt: skip
+    print(f"generate with cache: median {statistics.median(cached):.1f} tokens/s, "
+          f"median {statistics.median(fractions):.0%} of the ceiling measured before each run; "
+          f"without the cache: {uncached:.1f} tokens/s")  # fmt: skip
     print(f"RSS while generating: {rss.peak / 2**20:.0f} MiB = "
           f"{rss.peak / param_bytes:.2f} x the parameter bytes")  # fmt: skip
 
@@ -150,29 +163,32 @@ def main(argv=None):
         optimizer.step(model.backward())
         step_s.append(time.perf_counter() - t0)
     step_s = step_s[1:]  # the first step allocates AdamW's moments
-    print(f"fine-tuning step (B=4, T=64): best {min(step_s):.2f} s")
+    print(f"fine-tuning step (B=4, T=64): median {statistics.median(step_s):.2f} s")
 
     results = {
         "benchmark": "gpt2",
         "model": "GPT-2 small shape, random float32 weights",
         "parameters": n_params,
         "parameter_bytes": param_bytes,
-        "matvec_512MiB_GB_per_s": {"best": round(max(bandwidth), 2),
-                                   "median": round(statistics.median(bandwidth), 2)},
+        "matvec_512MiB_GB_per_s": {"median": round(statistics.median(bandwidth), 2),
+                                   "all": [round(b, 2) for b in bandwidth]},
         "ceiling_tokens_per_s": round(ceiling, 2),
-        "load_seconds": {"best": round(min(load_s), 3), "all": [round(s, 3) for s in load_s]},
+        "load_seconds": {"median": round(statistics.median(load_s), 3),
+                         "all": [round(s, 3) for s in load_s]},
         "generate": {
             "prompt_tokens": 32,
             "new_tokens": args.new_tokens,
             "batch": 1,
-            "with_cache_tokens_per_s": round(max(cached), 2),
-            "with_cache_all": [round(s, 2) for s in cached],
-            "with_cache_fraction_of_ceiling": round(max(cached) / ceiling, 3),
-            "without_cache_tokens_per_s": round(max(uncached), 2),
+            "with_cache_tokens_per_s": round(statistics.median(cached), 2),
+            "with_cache_all": [round(t, 2) for t in cached],
+            "with_cache_fraction_of_ceiling": round(statistics.median(fractions), 3),
+            "with_cache_fractions_all": [round(f, 3) for f in fractions],
+            "without_cache_tokens_per_s": round(uncached, 2),
         },
         "rss_while_generating_bytes": rss.peak,
         "rss_over_parameter_bytes": round(rss.peak / param_bytes, 3),
-        "finetune_step_seconds": {"batch": [4, 64], "best": round(min(step_s), 3)},
+        "finetune_step_seconds": {"batch": [4, 64],
+                                  "median": round(statistics.median(step_s), 3)},
         "targets": {"fraction_of_ceiling": 0.6, "rss_over_parameter_bytes": 1.5,
                     "load_seconds": 2.0},
         "note": args.note,
