@@ -4,6 +4,7 @@ gradient checks, Hugging Face's parameter table, every parameter gradient of a t
 either side, float32 against float64, dropout modes, and bad input."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -366,3 +367,28 @@ def test_backward_needs_a_loss_and_heads_need_their_parts():
     no_nsp = Bert(tiny_config(nsp_head=False))
     with pytest.raises(ValueError, match="no NSP head"):
         no_nsp.forward(idx, nsp_labels=np.array([0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bert(config, params=...): given parameters instead of the random initialisation
+
+
+def test_given_params_skip_the_initialisation_and_refuse_what_does_not_fit(monkeypatch):
+    source = random_model(seed=7)  # float64
+    monkeypatch.setattr(
+        "tinylm.bert.init_params", lambda *a, **k: pytest.fail("init_params was called")
+    )
+    model = Bert(source.config, dtype=np.float32, params=source.params)
+    assert list(model.params) == list(param_shapes(source.config))
+    for name, a in model.params.items():
+        assert a.dtype == np.float32 and a.flags.c_contiguous, name
+        np.testing.assert_array_equal(a, source.params[name].astype(np.float32), err_msg=name)
+    same = Bert(source.config, dtype=np.float64, params=source.params)
+    assert all(same.params[k] is source.params[k] for k in source.params)  # taken, not copied
+    wrong = dict(source.params)
+    wrong.pop("cls.seq_relationship.weight")
+    with pytest.raises(ValueError, match=r"missing cls\.seq_relationship\.weight, unexpected none"):
+        Bert(source.config, params=wrong)
+    name = next(iter(source.params))  # the word embeddings
+    with pytest.raises(ValueError, match=rf"params\['{re.escape(name)}'\] has shape \(3, 2\)"):
+        Bert(source.config, params=source.params | {name: np.zeros((3, 2))})

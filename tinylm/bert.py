@@ -51,6 +51,7 @@ import numpy as np
 
 from tinylm import layers
 from tinylm.backend import backend_name, get_array_module, get_backend, to_backend, xp_for
+from tinylm.model import checked_params
 
 IGNORE_INDEX = -100  # an MLM label that counts for nothing (every unmasked position)
 
@@ -237,9 +238,12 @@ class Bert:
 
     backward() returns a gradient for every parameter; the parts the last loss did not use
     (the classifier after a pretraining forward, the NSP head without nsp_labels, ...) get zeros.
+
+    ``Bert(config, params=arrays)`` takes given parameters (a Hugging Face directory's) instead
+    of drawing the random initialisation; ``seed`` then seeds only dropout.
     """
 
-    def __init__(self, config: BertConfig, seed: int = 0, dtype=np.float32):
+    def __init__(self, config: BertConfig, seed: int = 0, dtype=np.float32, params=None):
         if not isinstance(config, BertConfig):
             raise TypeError(f"config must be a BertConfig, got {type(config).__name__}")
         if np.dtype(dtype) not in (np.float32, np.float64):
@@ -251,7 +255,10 @@ class Bert:
         self.device = "cpu"
         self.training = True  # dropout is applied only while training
         self.dropout_rng = np.random.default_rng(seed + 1)  # its own stream, apart from init
-        self.params = {k: a.astype(self.dtype) for k, a in init_params(config, seed).items()}
+        if params is None:
+            self.params = {k: a.astype(self.dtype) for k, a in init_params(config, seed).items()}
+        else:  # checked against the config's names and shapes; no initialisation drawn
+            self.params = checked_params(params, param_shapes(config), self.dtype)
         self._caches = None
         self.use_kernel = True  # on the GPU, attention runs in the fused kernel (tinylm/cuda.py)
         if get_backend() == "cupy":  # tinylm.set_backend("cupy"): new models live on the GPU

@@ -168,6 +168,34 @@ def _shorten(names, head=5) -> str:
     return ", ".join(names[:head]) + more
 
 
+def checked_params(params, expected: dict[str, tuple], dtype) -> dict:
+    """A model's given parameters: ``params`` checked name by name and shape by shape against
+    ``expected`` (name -> shape), each cast to ``dtype``.
+
+    Arrays already of that dtype (and contiguous) are used as they are, not copied: the model
+    then trains them in place. GPT(params=...) and Bert(params=...) both take their weights here.
+    """
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of name -> array, got {type(params).__name__}")
+    missing = [name for name in expected if name not in params]
+    extra = [name for name in params if name not in expected]
+    if missing or extra:
+        raise ValueError(
+            f"params do not fit the config: missing {_shorten(missing)}, unexpected "
+            f"{_shorten(extra)}"
+        )
+    given = {}
+    for name, shape in expected.items():
+        array = params[name]
+        if tuple(getattr(array, "shape", ())) != shape:
+            got = getattr(array, "shape", type(array).__name__)
+            got = tuple(got) if not isinstance(got, str) else got
+            raise ValueError(f"params[{name!r}] has shape {got}, expected {shape}")
+        xp = get_array_module(array)
+        given[name] = xp.ascontiguousarray(array, dtype=dtype)  # (a copy only if needed)
+    return given
+
+
 class GPT:
     """A GPT-2 style language model with a hand-written backward pass.
 
@@ -208,29 +236,9 @@ class GPT:
         """``params`` checked against ``param_shapes(config)`` and cast to the model's dtype.
 
         The random initialisation is skipped: for GPT-2 small it would cost seconds and a GB of
-        float64 only to be thrown away. Arrays already of the model's dtype (and contiguous) are
-        used as they are, not copied: the model then trains them in place.
+        float64 only to be thrown away (see checked_params).
         """
-        if not isinstance(params, dict):
-            raise TypeError(f"params must be a dict of name -> array, got {type(params).__name__}")
-        expected = param_shapes(self.config)
-        missing = [name for name in expected if name not in params]
-        extra = [name for name in params if name not in expected]
-        if missing or extra:
-            raise ValueError(
-                f"params do not fit the config: missing {_shorten(missing)}, unexpected "
-                f"{_shorten(extra)}"
-            )
-        given = {}
-        for name, shape in expected.items():
-            array = params[name]
-            if tuple(getattr(array, "shape", ())) != shape:
-                got = getattr(array, "shape", type(array).__name__)
-                got = tuple(got) if not isinstance(got, str) else got
-                raise ValueError(f"params[{name!r}] has shape {got}, expected {shape}")
-            xp = get_array_module(array)
-            given[name] = xp.ascontiguousarray(array, dtype=self.dtype)  # (a copy only if needed)
-        return given
+        return checked_params(params, param_shapes(self.config), self.dtype)
 
     # -- bookkeeping ----------------------------------------------------------------------
 

@@ -271,24 +271,9 @@ def load_bert(path, dtype=None):
             f"{str(path)!r}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
             f"reads only vocab_size={config.vocab_size}"
         )
-    model = _model_with_params(config, params, dtype)
+    # check_tensors named any missing or misshapen tensor; the model takes the ones it reads
+    model = Bert(config, dtype=dtype, params={k: params[k] for k in param_shapes(config)})
     return model, tokenizer
-
-
-def _model_with_params(config: BertConfig, params: dict, dtype) -> Bert:
-    """A Bert holding ``params``, without drawing a random initialisation first (bert-base's
-    would take seconds): made from a one-number stand-in config, then given the real ones."""
-    stand_in = BertConfig(
-        vocab_size=1, hidden_size=1, num_hidden_layers=1, num_attention_heads=1,
-        intermediate_size=1, max_position_embeddings=1, type_vocab_size=1,
-        pooler=False, mlm_head=False, nsp_head=False,
-    )
-    model = Bert(stand_in, dtype=dtype)
-    model.config = config
-    model.params = {
-        name: np.ascontiguousarray(params[name], dtype=dtype) for name in param_shapes(config)
-    }
-    return model
 
 
 def save_bert(model: Bert, path, tokenizer=None, id2label=None) -> Path:
