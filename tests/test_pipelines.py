@@ -278,7 +278,8 @@ def test_text_classification_labels_and_top_k(cls_dir, wordpiece):
     pair = classifier({"text": "a cat sat", "text_pair": "the dog ran"})
     assert set(pair) == {"label", "score"}
     long = " ".join(["the big dog ran"] * 10)  # 42 tokens; the model reads 32
-    with pytest.raises(ValueError, match="longer than max_position_embeddings=32"):
+    with pytest.raises(ValueError, match="42 tokens is longer than the 32 the model reads; pass "
+                       "truncation=True"):  # fmt: skip
         classifier(long)
     assert classifier(long, truncation=True) == classifier(" ".join(long.split()[:30]))
 

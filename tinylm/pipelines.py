@@ -448,7 +448,7 @@ class TextClassificationPipeline:
         _check_count("batch_size", batch_size, minimum=1)
         texts = [_check_text(t) for t in texts]
         pairs = None if text_pairs is None else [_check_text(t) for t in text_pairs]
-        from tinylm.finetuning import GPTClassifier, gpt_batch
+        from tinylm.finetuning import GPTClassifier, gpt_batch, model_max_length
 
         out = []
         for i in range(0, len(texts), batch_size):
@@ -464,6 +464,13 @@ class TextClassificationPipeline:
                 None if pairs is None else pairs[i : i + batch_size],
                 max_length=max_length, truncation=max_length is not None,
             )
+            longest = enc["input_ids"].shape[1]
+            if max_length is None and longest > model_max_length(self.model, longest):
+                raise ValueError(
+                    f"an input of {longest} tokens is longer than the "
+                    f"{model_max_length(self.model, longest)} the model reads; pass "
+                    "truncation=True to cut it, as in transformers"
+                )
             logits, _ = self.model.classify(
                 enc["input_ids"], enc["token_type_ids"], enc["attention_mask"]
             )  # (B, K)
