@@ -87,6 +87,10 @@ def test_truncation_and_padding_to_max_length():
                      padding="max_length")
     a, the = tok.token_to_id["a"], tok.token_to_id["the"]
     assert enc["input_ids"] == [tok.cls_id, a, a, a, tok.sep_id, the, the, tok.sep_id]
+    # max_length alone truncates, as Hugging Face's default does; truncation=False keeps all
+    assert tok.encode("a a a a a a", max_length=4)["input_ids"] == [tok.cls_id, a, a, tok.sep_id]
+    assert len(tok.encode("a a a a a a", max_length=4, truncation=False)["input_ids"]) == 8
+    assert tok.encode_batch(["a a a a a a"], max_length=4)["input_ids"].shape == (1, 4)
     enc = tok.encode("hello", max_length=6, padding="max_length")
     assert enc["input_ids"][3:] == [tok.pad_id] * 3
     assert enc["attention_mask"] == [1, 1, 1, 0, 0, 0]
@@ -184,6 +188,9 @@ def test_same_ids_as_bert_tokenizer_fast(tmp_path, do_lower_case):
                               padding="max_length")
             theirs = hf(a, b, max_length=max_length, truncation=True, padding="max_length")
             assert ours == {k: list(v) for k, v in theirs.items()}, (a, b, max_length)
+        # max_length without truncation: both truncate (Hugging Face with a warning)
+        theirs = hf(a, b, max_length=9)
+        assert tok.encode(a, b, max_length=9) == {k: list(v) for k, v in theirs.items()}
     batch = tok.encode_batch(VARIED_TEXTS)
     theirs = hf(VARIED_TEXTS, padding=True, return_tensors="np")
     for key in batch:

@@ -254,16 +254,20 @@ class WordPieceTokenizer:
     def convert_tokens_to_ids(self, tokens) -> list[int]:
         return [self.token_to_id.get(t, self.unk_id) for t in tokens]
 
-    def encode(self, text, text_pair=None, max_length=None, truncation=False, padding=False,
+    def encode(self, text, text_pair=None, max_length=None, truncation=None, padding=False,
                add_special_tokens=True) -> dict[str, list[int]]:
         """One text (or pair) as {"input_ids", "token_type_ids", "attention_mask"} lists.
 
             [CLS] a [SEP]            token types 0 ... 0
             [CLS] a [SEP] b [SEP]    token types 0 ... 0 1 ... 1
         truncation=True (with max_length): cut a and b from their ends until the whole fits,
-        taking from the longer first (Hugging Face's "longest_first").
+        taking from the longer first (Hugging Face's "longest_first"). truncation=None, the
+        default, does so whenever max_length is given, as Hugging Face's tokenizers do (they
+        also warn); truncation=False keeps the whole text, however long.
         padding="max_length": pad with [PAD] (attention_mask 0) up to max_length.
         """
+        if truncation is None:
+            truncation = max_length is not None
         a = self.convert_tokens_to_ids(self.tokenize(text))
         b = None if text_pair is None else self.convert_tokens_to_ids(self.tokenize(text_pair))
         if max_length is not None:
@@ -301,10 +305,11 @@ class WordPieceTokenizer:
             )
         return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
 
-    def encode_batch(self, texts, text_pairs=None, max_length=None, truncation=False,
+    def encode_batch(self, texts, text_pairs=None, max_length=None, truncation=None,
                      padding=True) -> dict[str, np.ndarray]:
         """Many texts (or pairs) as int64 NumPy arrays (B, T), right-padded with [PAD] to the
-        longest (padding=True) or to max_length (padding="max_length")."""
+        longest (padding=True) or to max_length (padding="max_length"); truncation as in
+        encode."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings; use encode() for one text")
         texts = list(texts)
