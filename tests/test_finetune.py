@@ -7,6 +7,7 @@ probabilities and labels."""
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -204,6 +205,16 @@ def test_finetune_writes_the_run_and_learns_the_toy_task(bert_dir, tmp_path):
     for r in out:
         assert sum(r["probabilities"].values()) == pytest.approx(1.0)
         assert r["score"] == max(r["probabilities"].values())
+
+
+def test_finetune_opens_with_what_it_is_about_to_do(bert_dir, tmp_path, capsys):
+    data = tmp_path / "toy.csv"
+    write_examples(toy_examples(), data)
+    run_finetune(data, bert_dir, tmp_path / "run", epochs=1, quiet=False)
+    first, *evaluations = capsys.readouterr().out.splitlines()
+    assert re.match(rf"fine-tuning bert \([\d,]+ parameters\) from {re.escape(str(bert_dir))} on "
+                    r"128 examples \(32 for validation\), 2 labels, 1 epoch = 8 steps -> ", first)
+    assert len(evaluations) == 1 and evaluations[0].startswith("step     8/8 | epoch 1.00")
 
 
 def test_finetune_never_writes_into_a_users_directory(bert_dir, tmp_path):

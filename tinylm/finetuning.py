@@ -693,6 +693,12 @@ def finetune(data, init, out, *, text_columns=None, label_column="label", val_fr
                "n_train": len(train), "n_val": len(val), "finished": False}
     write_json_atomic(run_dir / RUN_FILE, summary)
     history = []
+    if not quiet:  # the opening line, as tinylm train prints one
+        n_params = sum(int(a.size) for a in model.params.values())
+        steps = epochs * math.ceil(len(train) / batch_size)
+        print(f"fine-tuning {summary['family']} ({n_params:,} parameters) from {settings['init']} "
+              f"on {len(train)} examples ({len(val)} for validation), {len(labels)} labels, "
+              f"{epochs} epoch{'s' * (epochs != 1)} = {steps} steps -> {run_dir}", flush=True)
 
     def on_eval(record):
         history.append(record)
