@@ -58,6 +58,7 @@ VOCAB = 65  # a character-level vocabulary, as in the default training run
 KINDS = ("tinylm", "tinylm_plain", "torch")
 TURN_SECONDS = 0.3  # a worker's turn runs about this long (whole steps, at least one)
 PAUSE_SECONDS = 0.3  # between turns: OpenBLAS's idle threads spin for ~0.1 s before sleeping
+PROFILE_SECONDS = 4.0  # torch.profiler's table covers about this many seconds of steps
 
 
 def step_flops(n_layer, n_head, n_embd, T, B, V):
@@ -184,11 +185,12 @@ PROFILED = ("embedding", "layernorm", "linear", "attention", "gelu", "cross_entr
 
 
 def profile_steps(model, idx, targets, n_steps):
-    """Median ms per step of each (layer kind, direction), the step's median, and the rest.
+    """Each profiled step's seconds, and each (layer kind, direction)'s seconds in every step.
 
     Each profiled function of tinylm.layers is replaced, for these steps only, by a wrapper that
     times it; model.py finds them through the module, so every call goes through the wrappers.
-    Returns {"step_ms": .., "rows": [{"layer", "direction", "ms"}, ..], "other_ms": ..}.
+    Returns {"steps": [s, ...], "layers": {"kind|direction": [s per step, ...]}}, raw, so that
+    the profiles of several turns can be merged before summarize_profile takes the medians.
     """
     from tinylm import layers
 
@@ -200,7 +202,7 @@ def profile_steps(model, idx, targets, n_steps):
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             out = f(*args, **kwargs)
-            key = (layer_kind(name, args, model.config), name.rsplit("_", 1)[1])
+            key = f"{layer_kind(name, args, model.config)}|{name.rsplit('_', 1)[1]}"
             totals[key] += time.perf_counter() - t0
             return out
 
@@ -213,8 +215,6 @@ def profile_steps(model, idx, targets, n_steps):
             setattr(layers, name, wrap(name, originals[name]))
     steps = []
     try:
-        model.forward(idx, targets)  # warm up
-        model.backward()
         for _ in range(n_steps):
             totals.clear()
             t0 = time.perf_counter()
@@ -226,16 +226,35 @@ def profile_steps(model, idx, targets, n_steps):
     finally:
         for name, f in originals.items():
             setattr(layers, name, f)
-    rows = [{"layer": kind, "direction": direction, "ms": 1e3 * statistics.median(v)}
-            for (kind, direction), v in per_step.items()]
+    return {"steps": steps, "layers": dict(per_step)}
+
+
+def merge_profiles(profiles):
+    """One raw profile from several (the turns of one worker)."""
+    merged = {"steps": [], "layers": defaultdict(list)}
+    for prof in profiles:
+        merged["steps"] += prof["steps"]
+        for key, v in prof["layers"].items():
+            merged["layers"][key] += v
+    return merged
+
+
+def summarize_profile(raw):
+    """Medians in ms: {"step_ms", "rows": [{"layer", "direction", "ms"}, ..] (largest first),
+    "other_ms"}; other_ms is the step's median minus the layers' medians (model.py's glue)."""
+    rows = []
+    for key, v in raw["layers"].items():
+        kind, direction = key.split("|")
+        rows.append({"layer": kind, "direction": direction, "ms": 1e3 * statistics.median(v)})
     rows.sort(key=lambda r: -r["ms"])
-    step_ms = 1e3 * statistics.median(steps)
-    return {"step_ms": step_ms, "rows": rows, "other_ms": step_ms - sum(r["ms"] for r in rows)}
+    step_ms = 1e3 * statistics.median(raw["steps"])
+    return {"step_ms": step_ms, "steps": len(raw["steps"]), "rows": rows,
+            "other_ms": step_ms - sum(r["ms"] for r in rows)}
 
 
 def print_profile(title, prof):
     step = prof["step_ms"]
-    print(f"  {title}: {step:.1f} ms per step (median of the profiled steps)")
+    print(f"  {title}: {step:.1f} ms per step (median of {prof['steps']} profiled steps)")
     print(f"    {'layer':20s} {'direction':9s} {'ms':>8s} {'share':>6s}")
     for r in prof["rows"]:
         if r["ms"] >= 0.005 * step or r["layer"] != "dropout":
@@ -267,7 +286,7 @@ def worker(kind, size, threads):
     """Serve the parent's commands on stdin, one JSON reply per line on stdout.
 
     "steps K": run K timed steps; reply {"seconds": [...], "minor_faults": n}.
-    "profile K": reply the per-layer profile of K steps (tinylm) or torch.profiler's table.
+    "profile K": reply the raw per-layer profile of K steps (tinylm) or torch.profiler's table.
     "loss": reply the loss of the batch (the same weights give the same loss in every worker).
     """
     L, H, C, T, B = size
@@ -354,6 +373,8 @@ def measure_size(size, kinds, rounds, threads, profile_steps_n):
         # Steps per turn, from one probe step of the slowest way.
         probe = max(w.ask("steps 1")["seconds"][0] for w in workers.values())
         per_turn = max(1, round(TURN_SECONDS / probe))
+        if not profile_steps_n:  # torch.profiler's: about PROFILE_SECONDS of steps, at least 5
+            profile_steps_n = max(5, round(PROFILE_SECONDS / probe))
         seconds, faults = defaultdict(list), defaultdict(list)
         for _ in range(rounds):
             for kind, w in workers.items():
@@ -361,14 +382,23 @@ def measure_size(size, kinds, rounds, threads, profile_steps_n):
                 reply = w.ask(f"steps {per_turn}")
                 seconds[kind] += reply["seconds"]
                 faults[kind].append(reply["minor_faults"] / per_turn)
-        profiles = {}
-        for kind, w in workers.items():
+        # The per-layer profile, in turns as well, so that a burst of load elsewhere falls on
+        # a few of its steps only; torch.profiler's table once at the end.
+        raw = defaultdict(list)
+        for _ in range(rounds):
+            for kind, w in workers.items():
+                if kind != "torch":
+                    time.sleep(PAUSE_SECONDS)
+                    raw[kind].append(w.ask(f"profile {per_turn}"))
+        profiles = {kind: summarize_profile(merge_profiles(v)) for kind, v in raw.items()}
+        if "torch" in workers:
             time.sleep(PAUSE_SECONDS)
-            profiles[kind] = w.ask(f"profile {profile_steps_n}")
+            profiles["torch"] = workers["torch"].ask(f"profile {profile_steps_n}")
     finally:
         for w in workers.values():
             w.close()
-    out = {"steps_per_turn": per_turn, "timed_steps": rounds * per_turn, "loss": losses}
+    out = {"steps_per_turn": per_turn, "timed_steps": rounds * per_turn,
+           "torch_profiled_steps": profile_steps_n, "loss": losses}
     for kind in kinds:
         out[f"{kind}_ms_per_step"] = 1e3 * statistics.median(seconds[kind])
         out[f"{kind}_minor_faults_per_step"] = statistics.median(faults[kind])
@@ -387,8 +417,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9,
                         help="turns per worker; each turn runs whole steps for ~0.3 s")
-    parser.add_argument("--profile-steps", type=int, default=5,
-                        help="steps of the per-layer profile (median)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="steps of torch.profiler's table; 0: about 4 s of steps (tinylm's "
+                             "per-layer profile takes as many turns as the timing)")
     parser.add_argument("--size", default=None, metavar="L,H,C,T,B",
                         help="one size of your own (n_layer,n_head,n_embd,block,batch) instead "
                              "of the two standard ones")  # fmt: skip
@@ -411,8 +442,8 @@ def parse_args(argv=None):
         args.sizes = {"{}x{}x{} block {} batch {}".format(*size): size}
     else:
         args.sizes = dict(SIZES)
-    if args.rounds < 1 or args.profile_steps < 1 or args.threads < 1:
-        parser.error("--rounds, --profile-steps and --threads must be at least 1")
+    if args.rounds < 1 or args.profile_steps < 0 or args.threads < 1:
+        parser.error("--rounds and --threads must be at least 1, --profile-steps at least 0")
     return args
 
 

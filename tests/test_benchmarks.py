@@ -61,7 +61,9 @@ def test_profile_covers_every_layer_and_leaves_layers_unchanged():
     before = {name: getattr(layers, name) for name in dir(layers)}
     model = cpu_step.tinylm_model(*TINY[:4])
     idx, targets = cpu_step.make_batch(TINY[3], TINY[4])
-    prof = cpu_step.profile_steps(model, idx, targets, n_steps=2)
+    raw = cpu_step.profile_steps(model, idx, targets, n_steps=2)
+    prof = cpu_step.summarize_profile(cpu_step.merge_profiles([raw, raw]))
+    assert prof["steps"] == 4
     assert {name: getattr(layers, name) for name in dir(layers)} == before
     kinds = {(r["layer"], r["direction"]) for r in prof["rows"]}
     for layer in ("embedding", "layernorm", "linear qkv", "linear attn proj", "linear fc",
