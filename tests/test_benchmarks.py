@@ -17,6 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import their sibling report.py the same way
 
 import cpu_step  # noqa: E402
+import profile_cpu  # noqa: E402
 import train_cpu  # noqa: E402
 
 TINY = (2, 2, 16, 8, 3)  # n_layer, n_head, n_embd, block, batch
@@ -119,3 +120,10 @@ def test_the_torch_recipe_matches_tinylm_train_on_a_tiny_run(tmp_path):
     theirs = train_cpu.torch_recipe(cfg, threads=1)
     assert theirs["evaluations"] == 2
     assert abs(theirs["final_val_loss"] - ours.val_loss) < 1e-3
+
+
+def test_profile_cpu_steps_a_tiny_model_and_counts_its_faults():
+    for keep in (True, False):
+        r = profile_cpu.run_variant("plain", TINY, steps=2, keep_grads=keep)
+        assert len(r["ms"]) == len(r["faults"]) == 2
+        assert all(ms > 0 for ms in r["ms"]) and all(f >= 0 for f in r["faults"])
