@@ -9,7 +9,9 @@ host refused (the site must work offline), and fails on what a reader would see 
 - an image that does not load;
 - a JavaScript error (an uncaught exception or a console error, a failed request included);
 - a request to another host (a CDN, web fonts);
-- content wider than the 1280-px window, or a display equation wider than its column.
+- content wider than the 1280-px window, or a display equation wider than its column;
+- a link to an anchor of a page of the site (a notebook's "The math: ..." link to a section of
+  docs/math.md, math.md's links back to the notebooks' sections) whose target has no such id.
 
 The browser tests are skipped when Chromium (Debian's `chromium` package: /usr/bin/chromium) or
 the Python package playwright (in the dev extra; it drives the system's Chromium, no browser
@@ -102,7 +104,7 @@ def _page_paths(site: Path) -> list[str]:
 # reader would see as broken, as lists of short descriptions.
 INSPECT_JS = r"""
 async () => {
-  const out = {rawTex: [], badImages: [], tooWide: [], formulas: 0};
+  const out = {rawTex: [], badImages: [], tooWide: [], formulas: 0, links: [], ids: []};
   // Visible text outside code, scripts and typeset math.
   const skip = "pre, code, script, style, textarea, mjx-container, .md-search, .md-source";
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
@@ -149,6 +151,15 @@ async () => {
         label.replace(/\s+/g, " ").slice(0, 80));
     }
   }
+  // Links to an anchor on this site (outside the navigation), and every id of this page.
+  for (const a of document.querySelectorAll("a[href*='#']")) {
+    const url = new URL(a.href, location.href);
+    if (url.origin !== location.origin || url.hash.length < 2) continue;
+    if (a.closest(".md-header, .md-sidebar, .md-footer, .md-search")) continue;
+    const text = (a.textContent || "").replace(/\s+/g, " ").trim().slice(0, 60);
+    out.links.push([url.pathname, decodeURIComponent(url.hash.slice(1)), text]);
+  }
+  out.ids = Array.from(document.querySelectorAll("[id]"), (e) => e.id);
   return out;
 }
 """
@@ -156,10 +167,13 @@ async () => {
 
 @pytest.fixture(scope="module")
 def reports(browser_tools, site, server):
-    """{page path: list of problems} for every page of the site, read in one browser session."""
+    """For every page of the site, read in one browser session: its problems, its number of
+    typeset formulas, its links to anchors on the site, and its ids."""
     chromium, playwright = browser_tools
     problems: dict[str, list[str]] = {}
     equations: dict[str, int] = {}
+    links: dict[str, list[tuple[str, str, str]]] = {}
+    ids: dict[str, set[str]] = {}
     with playwright.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
@@ -205,13 +219,15 @@ def reports(browser_tools, site, server):
                 current.extend(f"too wide: {s}" for s in found["tooWide"])
                 problems[path or "/"] = list(current)
                 equations[path or "/"] = found["formulas"]
+                links[path or "/"] = [tuple(link) for link in found["links"]]
+                ids[path or "/"] = set(found["ids"])
         finally:
             browser.close()
-    return problems, equations
+    return problems, equations, links, ids
 
 
 def test_every_page_reads_cleanly_offline(reports):
-    problems, _ = reports
+    problems = reports[0]
     assert len(problems) >= 6, f"expected the site's pages, found {sorted(problems)}"
     bad = {path: p for path, p in problems.items() if p}
     lines = [f"{path}: {p}" for path, items in sorted(bad.items()) for p in items]
@@ -221,13 +237,36 @@ def test_every_page_reads_cleanly_offline(reports):
 def test_math_is_typeset_on_markdown_and_notebook_pages(reports):
     # The check above finds TeX left raw; this one makes sure there was math to typeset at all
     # (an empty page would pass it), on a Markdown page and on every notebook page.
-    _, equations = reports
+    equations = reports[1]
     assert equations.get("math/", 0) >= 20, equations
     notebook_pages = [p for p in equations if p.startswith("notebooks/")]
     assert notebook_pages, sorted(equations)
     missing = [p for p in notebook_pages if equations[p] == 0]
     # Every notebook so far has math; one without any would be named here.
     assert not missing, f"no formula typeset on {missing}"
+
+
+def test_links_to_anchors_land_on_an_id_of_their_page(reports):
+    # A notebook links to its section of docs/math.md as ../docs/math.md#anchor (right in
+    # Jupyter; docs/hooks/notebook_links.py rewrites it for the site), and math.md links back to
+    # the notebooks' sections. A renamed heading would leave such a link pointing at nothing,
+    # which neither MkDocs nor the browser reports.
+    _, _, links, ids = reports
+    broken = []
+    for page, page_links in sorted(links.items()):
+        for target_path, anchor, text in page_links:
+            target = target_path.lstrip("/") or "/"
+            if target not in ids:
+                broken.append(f"{page}: {text!r} -> /{target_path.lstrip('/')} is not a page")
+            elif anchor not in ids[target]:
+                broken.append(f"{page}: {text!r} -> {target}#{anchor}: no such id there")
+    assert not broken, f"{len(broken)} broken anchor link(s):\n" + "\n".join(broken)
+    # The links this test exists for are there: notebook -> math.md and math.md -> notebook.
+    to_math = [p for p, ls in links.items() if p.startswith("notebooks/")
+               and any(t.strip("/") == "math" for t, _, _ in ls)]
+    back = [t for t, _, _ in links.get("math/", []) if t.strip("/").startswith("notebooks/")]
+    assert len(to_math) >= 8, f"notebook pages linking to math.md: {sorted(to_math)}"
+    assert len(back) >= 10, f"links from math.md to the notebooks: {back}"
 
 
 # ----------------------------------------------------------------------------------------------
