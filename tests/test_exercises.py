@@ -60,7 +60,7 @@ SOLUTIONS = {
     return dq, dk, dv
 """,
     "cross_entropy_backward": """
-    dz = P.copy()
+    dz = p.copy()
     dz[np.arange(len(y)), y] -= 1.0
     dz *= (dloss * weight)[:, None]
     return dz.reshape(logits_shape)
@@ -110,7 +110,7 @@ MISTAKES = {
     "missing 1/N in the mean": (
         "cross_entropy_backward",
         """
-    dz = P.copy()
+    dz = p.copy()
     dz[np.arange(len(y)), y] -= 1.0
     dz *= dloss * (weight > 0)[:, None]
     return dz.reshape(logits_shape)
@@ -157,7 +157,7 @@ MISTAKES = {
     "ignored targets get a gradient": (
         "cross_entropy_backward",
         """
-    dz = P.copy()
+    dz = p.copy()
     dz[np.arange(len(y)), y] -= 1.0
     dz *= dloss * weight.max()
     return dz.reshape(logits_shape)
@@ -333,14 +333,14 @@ def test_nan_in_an_answer_is_wrong_not_a_crash(tmp_path):
 
 
 def test_a_backward_that_updates_its_cache_in_place_is_graded_fairly():
-    # dz = P (no copy), then dz[...] -= 1, changes the cache's P. Without a forward of its own
+    # dz = p (no copy), then dz[...] -= 1, changes the cache's p. Without a forward of its own
     # the student gets the checker's cache: it must be a copy, or the checker's reference
     # answer, computed from that cache afterwards, would change and this correct one fail.
     import numpy as np
 
     def cross_entropy_backward(dloss, cache):
-        P, y, weight, logits_shape = cache
-        dz = P
+        p, y, weight, logits_shape = cache
+        dz = p
         dz[np.arange(len(y)), y] -= 1.0
         dz *= (dloss * weight)[:, None]
         return dz.reshape(logits_shape)

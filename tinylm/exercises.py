@@ -172,7 +172,7 @@ def _copy(obj):
 
 def _call(student, name: str, *args):
     """student.name(*args), translating the ways it can fail. The arguments are copies, caches
-    included: an in-place update (dz = P; dz[...] -= 1) cannot change the checker's arrays."""
+    included: an in-place update (dz = p; dz[...] -= 1) cannot change the checker's arrays."""
     fn = getattr(student, name, None)
     if not callable(fn):
         raise _Failed(f"the file defines no function {name}")
@@ -590,21 +590,21 @@ def _check_cross_entropy(student, rng) -> ExerciseResult:
         )
     }
     counted = (targets != -100).reshape(-1)
-    n, N = int(counted.sum()), counted.size
-    P = ref_cache[0]
-    onehot = np.zeros_like(P)
-    onehot[np.arange(N), np.where(counted, targets.reshape(-1), 0)] = 1.0
-    every_row = (dloss * (P - onehot) / n).reshape(logits.shape)
+    N, R = int(counted.sum()), counted.size  # counted positions, all rows (math.md's letters)
+    p = ref_cache[0]  # softmax(logits), (R, V)
+    onehot = np.zeros_like(p)
+    onehot[np.arange(R), np.where(counted, targets.reshape(-1), 0)] = 1.0
+    every_row = (dloss * (p - onehot) / N).reshape(logits.shape)
     mistakes = [
         _Mistake(
-            f"a missing 1/N in the mean: the loss is the mean over the N = {n} counted "
-            f"positions, so dlogits = dloss * (P - onehot(y)) / N (it is {n} times too large)",
-            {"dlogits": ref * n},
+            f"a missing 1/N in the mean: the loss is the mean over the N = {N} counted "
+            f"positions, so dlogits = dloss * (p - onehot(y)) / N (it is {N} times too large)",
+            {"dlogits": ref * N},
         ),
         _Mistake(
-            f"divided by all {N} positions: the mean is over the {n} counted ones only "
-            "(weight holds 1/n for them and 0 for the ignored ones)",
-            {"dlogits": ref * n / N},
+            f"divided by all {R} positions: the mean is over the {N} counted ones only "
+            "(weight holds 1/N for them and 0 for the ignored ones)",
+            {"dlogits": ref * N / R},
         ),
         _Mistake(
             "the ignored positions get a gradient: a position whose target is ignore_index "

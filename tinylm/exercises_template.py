@@ -238,20 +238,21 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
     """L = mean over the counted positions of -log softmax(logits)[target].
 
     Inputs:  logits (..., V); targets integer (...), ignore_index marks a position to skip.
-    Returns: the loss (a 0-d array) and the cache (P, y, weight, logits.shape) where
-             P (N, V) = softmax of each row, y (N,) the targets (0 where ignored), and
-             weight (N,) = 1/n for each of the n counted rows, 0 for an ignored one.
+    Returns: the loss (a 0-d array) and the cache (p, y, weight, logits.shape) where, for the
+             R rows of logits, p (R, V) = softmax of each row, y (R,) the targets (0 where
+             ignored), and weight (R,) = 1/N for each of the N counted rows, 0 for an ignored
+             one.
     """
     V = logits.shape[-1]
-    z = logits.reshape(-1, V)  # (N, V)
-    y = targets.reshape(-1)  # (N,)
+    z = logits.reshape(-1, V)  # (R, V)
+    y = targets.reshape(-1)  # (R,)
     counted = y != ignore_index
     y = np.where(counted, y, 0)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
-    P = e / e.sum(axis=-1, keepdims=True)  # (N, V)
-    weight = counted / max(int(counted.sum()), 1)  # (N,)
-    loss = -(np.log(P[np.arange(len(y)), y]) * weight).sum()
-    return np.asarray(loss), (P, y, weight, logits.shape)
+    p = e / e.sum(axis=-1, keepdims=True)  # (R, V)
+    weight = counted / max(int(counted.sum()), 1)  # (R,)
+    loss = -(np.log(p[np.arange(len(y)), y]) * weight).sum()
+    return np.asarray(loss), (p, y, weight, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
@@ -260,10 +261,10 @@ def cross_entropy_backward(dloss, cache):
     Inputs:  dloss, a number (1.0 when the loss is the final output); cache from the forward.
     Returns: dlogits (shape of the logits).
 
-    Formula: for a counted row r, dL/dz_r = (P_r - onehot(y_r)) / n, n the number of counted
+    Formula: for a counted row r, dL/dz_r = (p_r - onehot(y_r)) / N, N the number of counted
     rows; an ignored row gets 0. Then dlogits = dloss * dL/dz.
     """
-    P, y, weight, logits_shape = cache
+    p, y, weight, logits_shape = cache
     raise NotImplementedError("cross_entropy_backward")
 
 

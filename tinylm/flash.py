@@ -13,13 +13,13 @@ Legend: B batch, H heads, Tq query positions, Tk key positions, D head size.
     Causal: query i sits at absolute position i + (Tk - Tq) and sees keys j <= i + (Tk - Tq).
 
 The math (scale = 1/sqrt(D), masked scores are -inf):
-    forward    S = scale * Q K^T,  P = softmax(S),  O = P V,  L_i = log sum_j exp(S_ij)
-    backward   P_ij = exp(S_ij - L_i)              (recomputed from L, never stored)
+    forward    S = scale * Q K^T,  P = softmax(S),  O = P V,  lse_i = log sum_j exp(S_ij)
+    backward   P_ij = exp(S_ij - lse_i)            (recomputed from lse, never stored)
                dV = P^T dO,  dP = dO V^T,  Delta_i = rowsum(dO_i * O_i)
                dS_ij = P_ij (dP_ij - Delta_i),  dQ = scale * dS K,  dK = scale * dS^T Q
 
 A query row with no allowed key (every key padded, or causal with nothing before it) gets
-out = 0 and L = -inf, and contributes nothing to any gradient.
+out = 0 and lse = -inf, and contributes nothing to any gradient.
 
 Differences from the kernel that do not change the algorithm: the kernel uses base-2
 exponentials (exp2 of scores pre-multiplied by log2(e), one hardware instruction) where this
@@ -116,8 +116,8 @@ def flash_attention_backward_numpy(
 ):
     """Attention backward by tiles from the saved lse, as kernels/attention.cu runs it.
 
-    Forward was O = softmax(scale * Q K^T + mask) V, with L = rowwise log-sum-exp of the scores.
-    So, recomputing P_ij = exp(S_ij - L_i) tile by tile:
+    Forward was O = softmax(scale * Q K^T + mask) V, with lse = rowwise log-sum-exp of the scores.
+    So, recomputing P_ij = exp(S_ij - lse_i) tile by tile:
         dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q
     with Delta_i = rowsum(dO_i * O_i) (= sum_j P_ij dP_ij, since O = P V).
 
@@ -135,7 +135,7 @@ def flash_attention_backward_numpy(
 
     # Step 1 (flash_backward_delta_kernel): one number per query row.
     delta = (dout * out).sum(axis=-1)  # (B, H, Tq)
-    # A row with L = -inf has only -inf scores; subtract 0 instead so P = exp(-inf) = 0.
+    # A row with lse = -inf has only -inf scores; subtract 0 instead so P = exp(-inf) = 0.
     lse_use = np.where(lse == -np.inf, 0.0, lse)
 
     dq = np.zeros_like(q)  # on the GPU: zeroed float32, added to with atomicAdd
@@ -158,11 +158,11 @@ def flash_attention_backward_numpy(
             q1 = min(q0 + block_q, Tq)
             q_tile, do_tile = q[:, :, q0:q1], dout[:, :, q0:q1]  # (B, H, bq, D)
 
-            # 1. recompute the probabilities of this tile from the saved L
+            # 1. recompute the probabilities of this tile from the saved lse
             s = (q_tile @ k_tile.swapaxes(-1, -2)) * scale  # (B, H, bq, bk)
             allowed = _tile_mask(q0, q1, k0, k1, Tq, Tk, causal, key_padding_mask)
             s = np.where(allowed, s, -np.inf)
-            p = np.exp(s - lse_use[:, :, q0:q1, None])  # P_ij = exp(S_ij - L_i)
+            p = np.exp(s - lse_use[:, :, q0:q1, None])  # P_ij = exp(S_ij - lse_i)
             # 2. dP = dO V^T
             dp = do_tile @ v_tile.swapaxes(-1, -2)  # (B, H, bq, bk)
             # 3. dS = P (dP - Delta), with the scale of S = scale * Q K^T folded in
