@@ -15,6 +15,8 @@ the GPU is asked for, so ``import tinylm`` works on a machine without it.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 _BACKENDS = ("numpy", "cupy")
@@ -129,3 +131,70 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, limit_bytes)) and bool(
         mallopt(M_TRIM_THRESHOLD, 2 * limit_bytes)
     )
+
+
+# The thread-count functions of the OpenBLAS that NumPy's wheels bundle (scipy-openblas, 64-bit
+# integers) and of a system OpenBLAS, in the order they are tried.
+_OPENBLAS_THREAD_FUNCTIONS = (
+    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+    ("openblas_get_num_threads", "openblas_set_num_threads"),
+)
+
+
+def _openblas_thread_functions():
+    """(get, set) of the OpenBLAS that NumPy uses, or None (another BLAS, or not found).
+
+    NumPy's wheels ship it in numpy.libs/ next to the package (numpy/.dylibs on macOS); the
+    library is already loaded, so opening it again returns the same one, with its one thread pool.
+    """
+    import ctypes
+    from pathlib import Path
+
+    root = Path(np.__file__).resolve().parent
+    candidates = [*sorted(root.parent.glob("numpy.libs/*openblas*")),
+                  *sorted(root.glob(".dylibs/*openblas*"))]
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        for get_name, set_name in _OPENBLAS_THREAD_FUNCTIONS:
+            if hasattr(lib, get_name) and hasattr(lib, set_name):
+                get, set_ = getattr(lib, get_name), getattr(lib, set_name)
+                get.restype, set_.restype = ctypes.c_int, None
+                set_.argtypes = [ctypes.c_int]
+                return get, set_
+    return None
+
+
+def blas_threads_now() -> int | None:
+    """How many threads NumPy's OpenBLAS uses for a matrix product; None when not known."""
+    functions = _openblas_thread_functions()
+    return None if functions is None else int(functions[0]())
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Inside the block, NumPy's matrix products use ``n`` threads; the previous count after.
+
+        with blas_threads(1):     # e.g. while two Python threads each step half of a batch
+            ...
+
+    OpenBLAS's thread count is one setting of the whole process, so it is changed only for the
+    block and restored on the way out (also after an exception). Yields True when it was set,
+    False when NumPy's BLAS is not an OpenBLAS this can find (nothing is changed then).
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer number of threads, got {n!r}")
+    functions = _openblas_thread_functions()
+    if functions is None:
+        yield False
+        return
+    get, set_ = functions
+    before = int(get())
+    set_(int(n))
+    try:
+        yield True
+    finally:
+        set_(before)
