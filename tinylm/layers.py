@@ -206,7 +206,10 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     xc = x - mu  # (..., C)
     var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1), the biased variance
     rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
-    out = xc * rstd * gamma + beta  # (..., C)
+    out = xc  # out = gamma * xc * rstd + beta, built in xc's buffer (one (..., C) array, not three)
+    out *= rstd
+    out *= gamma
+    out += beta  # (..., C)
     return out, (x, gamma, mu, rstd)
 
 
@@ -223,16 +226,23 @@ def layernorm_backward(dout, cache):
     the third the part that changed the variance (derivation in docs/math.md).
     """
     x, gamma, mu, rstd = cache
+    xp = get_array_module(x)
     C = x.shape[-1]
-    xhat = (x - mu) * rstd  # (..., C)
+    xhat = x - mu
+    xhat *= rstd  # (..., C)
     dbeta = dout.reshape(-1, C).sum(axis=0)
-    dgamma = (dout * xhat).reshape(-1, C).sum(axis=0)
+    product = dout * xhat  # (..., C), reused below for dxhat * xhat
+    dgamma = product.reshape(-1, C).sum(axis=0)
     dxhat = dout * gamma
-    dx = rstd * (
-        dxhat
-        - dxhat.mean(axis=-1, keepdims=True)
-        - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
-    )
+    mean_dxhat = dxhat.mean(axis=-1, keepdims=True)  # (..., 1)
+    mean_dxhat_xhat = xp.multiply(dxhat, xhat, out=product).mean(axis=-1, keepdims=True)
+    # dx = rstd * (dxhat - mean_c(dxhat) - xhat * mean_c(dxhat * xhat)), term by term in
+    # dxhat's buffer: every (..., C) temporary NumPy allocates is a pass over memory of its own.
+    dx = dxhat
+    dx -= mean_dxhat
+    xhat *= mean_dxhat_xhat  # (xhat is not needed after this)
+    dx -= xhat
+    dx *= rstd
     return dx, dgamma, dbeta
 
 
@@ -323,10 +333,11 @@ def softmax_forward(x, axis=-1):
     xp = get_array_module(x)
     m = x.max(axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0)  # -inf rows: subtract 0 instead of -inf (no inf - inf)
-    e = xp.exp(x - m)
+    e = x - m
+    xp.exp(e, out=e)  # exp(x - m), in the buffer of x - m
     s = e.sum(axis=axis, keepdims=True)
-    out = e / xp.where(s == 0, 1.0, s)
-    return out, (out, axis)
+    e /= xp.where(s == 0, 1.0, s)  # out = e / sum(e), in place
+    return e, (e, axis)
 
 
 def softmax_backward(dout, cache):
@@ -338,7 +349,9 @@ def softmax_backward(dout, cache):
     A fully masked row has p = 0, so its gradient is 0.
     """
     y, axis = cache
-    return y * (dout - (dout * y).sum(axis=axis, keepdims=True))
+    dx = dout * y  # y_j dout_j
+    dx -= y * dx.sum(axis=axis, keepdims=True)  # - y_j sum_i dout_i y_i
+    return dx
 
 
 # ---------------------------------------------------------------------------
@@ -360,6 +373,15 @@ def attention_mask(Tq, Tk, causal=True, key_padding_mask=None, xp=np):
     if key_padding_mask is not None:
         allowed = allowed[None, None, :, :] & ~key_padding_mask[:, None, None, :]
     return allowed
+
+
+def causal_mask_bias(Tq, Tk, dtype, xp=np):
+    """The causal mask as a number to add to the scores (Tq, Tk): 0 where allowed, -inf where not.
+
+    S + bias is S where a query may look and -inf where it may not, which is what softmax needs;
+    adding it in place costs one pass over S and no new (B, H, Tq, Tk) array.
+    """
+    return xp.where(attention_mask(Tq, Tk, causal=True, xp=xp), 0.0, -xp.inf).astype(dtype)
 
 
 def _check_attention_inputs(q, k, v, causal, key_padding_mask):
@@ -412,10 +434,13 @@ def attention_forward(q, k, v, causal=True, key_padding_mask=None):
     xp = get_array_module(q, k, v)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D)
-    scores = (q @ k.swapaxes(-1, -2)) * scale  # (B,H,Tq,D) @ (B,H,D,Tk) -> (B,H,Tq,Tk)
-    if causal or key_padding_mask is not None:
+    # (Q * scale) K^T: the scale on Q (B,H,Tq,D), a smaller array than S (B,H,Tq,Tk)
+    scores = (q * scale) @ k.swapaxes(-1, -2)  # (B,H,Tq,D) @ (B,H,D,Tk) -> (B,H,Tq,Tk)
+    if key_padding_mask is not None:
         allowed = attention_mask(q.shape[2], k.shape[2], causal, key_padding_mask, xp)
         scores = xp.where(allowed, scores, -xp.inf)
+    elif causal:
+        scores += causal_mask_bias(q.shape[2], k.shape[2], scores.dtype, xp)  # S + mask, in place
     probs, _ = softmax_forward(scores, axis=-1)  # (B, H, Tq, Tk)
     out = probs @ v  # (B,H,Tq,Tk) @ (B,H,Tk,D) -> (B,H,Tq,D)
     return out, (q, k, v, probs, scale)
@@ -437,8 +462,10 @@ def attention_backward(dout, cache):
     dv = probs.swapaxes(-1, -2) @ dout
     dprobs = dout @ v.swapaxes(-1, -2)
     dscores = softmax_backward(dprobs, (probs, -1))
-    dq = (dscores @ k) * scale
-    dk = (dscores.swapaxes(-1, -2) @ q) * scale
+    dq = dscores @ k
+    dq *= scale  # dQ = scale * dS K
+    dk = dscores.swapaxes(-1, -2) @ q
+    dk *= scale  # dK = scale * dS^T Q
     return dq, dk, dv
 
 

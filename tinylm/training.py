@@ -70,6 +70,7 @@ from tinylm.backend import (
     set_backend,
     to_numpy,
 )
+from tinylm.evaluation import nll_sum
 from tinylm.files import write_atomic
 from tinylm.model import GPT, GPTConfig
 from tinylm.model import param_shapes as gpt_param_shapes
@@ -481,17 +482,12 @@ def evaluate(model: GPT, data, block_size: int, batch_size: int = 64) -> float:
     its number of targets, so the result is the exact token-weighted mean (it does not depend on
     batch_size up to float rounding).
     """
-    was_training = model.training
-    model.eval()
     total, n = 0.0, 0
-    try:
-        for x, y in data_io.eval_windows(data, block_size, batch_size):
-            _, loss = model.forward(x, y)
-            total = total + loss.astype(np.float64) * y.size  # stays on the device until the end
-            n += y.size
-    finally:
-        model.training = was_training
-    return float(total) / n
+    for x, y in data_io.eval_windows(data, block_size, batch_size):
+        # model.logits: dropout off and no caches kept for a backward that never comes
+        total += nll_sum(model.logits(x), model.xp.asarray(y))  # summed over the batch's targets
+        n += y.size
+    return total / n
 
 
 def sample_text(model: GPT, tokenizer, max_new_tokens: int, seed: int, prompt: str = "") -> str:
