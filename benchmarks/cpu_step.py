@@ -1,11 +1,14 @@
 """How fast is one training step (forward + backward) of tinylm's GPT on the CPU, against PyTorch?
 
-For each model size this times the same step three ways, each in a process of its own:
+For each model size this times the same step four ways, each in a process of its own:
 
     tinylm           GPT.forward + GPT.backward after backend.keep_freed_memory(), as
                      `tinylm train` runs it
     tinylm plain     the same in a process that did nothing but `import tinylm`: the step a
                      student types in a notebook (glibc's malloc left as it is)
+    tinylm dp        tinylm.parallel.DataParallel(model, 2).forward_backward: the batch in two
+                     shards, one thread each (what `tinylm train` does by default,
+                     --data-parallel 2), after keep_freed_memory() as in `tinylm train`
     torch            nanoGPT's model in PyTorch eager (nn.Linear, nn.LayerNorm, GELU tanh,
                      F.scaled_dot_product_attention, causal; the output layer tied to wte),
                      the same weights and batch, loss.backward(); skipped, with a line saying
@@ -55,7 +58,7 @@ SIZES = {
     "6x6x384 block 256 batch 8": (6, 6, 384, 256, 8),
 }
 VOCAB = 65  # a character-level vocabulary, as in the default training run
-KINDS = ("tinylm", "tinylm_plain", "torch")
+KINDS = ("tinylm", "tinylm_plain", "tinylm_dp", "torch")
 TURN_SECONDS = 0.3  # a worker's turn runs about this long (whole steps, at least one)
 PAUSE_SECONDS = 0.3  # between turns: OpenBLAS's idle threads spin for ~0.1 s before sleeping
 PROFILE_SECONDS = 4.0  # torch.profiler's table covers about this many seconds of steps
@@ -290,7 +293,7 @@ def worker(kind, size, threads):
     "loss": reply the loss of the batch (the same weights give the same loss in every worker).
     """
     L, H, C, T, B = size
-    if kind == "tinylm":
+    if kind in ("tinylm", "tinylm_dp"):
         from tinylm.backend import keep_freed_memory
 
         keep_freed_memory()
@@ -308,6 +311,14 @@ def worker(kind, size, threads):
             loss = tmodel(t_idx, t_targets)
             loss.backward()
             return loss.item()
+    elif kind == "tinylm_dp":
+        from tinylm.parallel import DataParallel
+
+        parallel = DataParallel(model, 2)
+
+        def step():
+            loss, _ = parallel.forward_backward(idx, targets)
+            return float(loss)
     else:
 
         def step():
@@ -331,6 +342,8 @@ def worker(kind, size, threads):
         elif command == "profile":
             if kind == "torch":
                 reply = {"ops": torch_profile(tmodel, t_idx, t_targets, int(arg))}
+            elif kind == "tinylm_dp":
+                reply = {}  # threads: the per-layer profile is taken of the one-thread kinds
             else:
                 reply = profile_steps(model, idx, targets, int(arg))
         elif command == "loss":
@@ -387,7 +400,7 @@ def measure_size(size, kinds, rounds, threads, profile_steps_n):
         raw = defaultdict(list)
         for _ in range(rounds):
             for kind, w in workers.items():
-                if kind != "torch":
+                if kind in ("tinylm", "tinylm_plain"):
                     time.sleep(PAUSE_SECONDS)
                     raw[kind].append(w.ask(f"profile {per_turn}"))
         profiles = {kind: summarize_profile(merge_profiles(v)) for kind, v in raw.items()}
@@ -492,7 +505,8 @@ def main(argv=None):
         line = f"{name}: " + ", ".join(f"{k} {row[f'{k}_ms_per_step']:.1f} ms" for k in kinds)
         if "torch" in kinds:
             line += (f"; tinylm/torch {row['ratio_tinylm_over_torch']:.2f}, "
-                     f"plain/torch {row['ratio_tinylm_plain_over_torch']:.2f}")
+                     f"plain/torch {row['ratio_tinylm_plain_over_torch']:.2f}, "
+                     f"dp/torch {row['ratio_tinylm_dp_over_torch']:.2f}")
         line += f"; plain/tinylm {row['ratio_plain_over_tinylm']:.2f}"
         print(line)
         print("  minor page faults per step: " + ", ".join(
@@ -509,7 +523,8 @@ def main(argv=None):
 
     report = {
         "benchmark": "cpu_step (forward + backward, float32, median), tinylm with and without "
-                     "keep_freed_memory vs torch eager, separate processes taking turns",
+                     "keep_freed_memory and data-parallel over 2 threads vs torch eager, "
+                     "separate processes taking turns",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "threads": args.threads,

@@ -208,13 +208,14 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(capsys, monkeypatch, tmp_path, 
 
     def backward_then_interrupt(self):
         calls["n"] += 1
-        if calls["n"] == 7:
+        if calls["n"] == 2 * 6 + 1:  # step 7 (two shards a step: --data-parallel 2)
             raise KeyboardInterrupt
         return backward(self)
 
     monkeypatch.setattr(GPT, "backward", backward_then_interrupt)
     out = tmp_path / "run"
-    code = cli.main(["train", "--text", str(text_file), "--out", str(out), "--steps", "10", *TINY])
+    code = cli.main(["train", "--text", str(text_file), "--out", str(out), "--steps", "10",
+                     "--data-parallel", "2", *TINY])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 130
     assert f"tinylm train --resume {out}" in err

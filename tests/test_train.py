@@ -66,10 +66,12 @@ def test_resume_is_bit_for_bit(tmp_path, text_file):
     assert steps == [5, 10, 15, 20]
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, text_file, monkeypatch):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_interrupted_run_resumes_exactly(tmp_path, text_file, monkeypatch, shards):
     """A KeyboardInterrupt in the middle of step 13 saves the state after step 12 (the random
-    draws of the unfinished step undone), and the resumed run matches an uninterrupted one."""
-    common = dict(TINY, text=str(text_file), dropout=0.1, steps=20)
+    draws of the unfinished step undone), and the resumed run matches an uninterrupted one,
+    with the batch stepped whole or in two shards (two backward calls a step)."""
+    common = dict(TINY, text=str(text_file), dropout=0.1, steps=20, data_parallel=shards)
     whole = train(out=str(tmp_path / "whole"), **common)
 
     calls = {"n": 0}
@@ -77,7 +79,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, text_file, monkeypatch):
 
     def backward_then_interrupt(self):
         calls["n"] += 1
-        if calls["n"] == 13:
+        if calls["n"] == shards * 12 + 1:
             raise KeyboardInterrupt
         return backward(self)
 

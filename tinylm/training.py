@@ -75,6 +75,7 @@ from tinylm.files import write_atomic
 from tinylm.model import GPT, GPTConfig
 from tinylm.model import param_shapes as gpt_param_shapes
 from tinylm.optim import AdamW, clip_grad_norm, lr_schedule
+from tinylm.parallel import DataParallel
 from tinylm.tokenizer import BPETokenizer, CharTokenizer
 
 # What a run directory holds, besides the checkpoint/ directory.
@@ -152,6 +153,7 @@ class TrainConfig:
     # the run
     seed: int = 1337  # model initialisation, batches, dropout masks, samples
     device: str = "cpu"  # "cpu" (NumPy) or "gpu" (CuPy)
+    data_parallel: int = 2  # CPU: each batch in this many shards, one thread each; 1: whole
     init_from: str | None = None  # a GPT-2 directory or a run directory to fine-tune from
     out: str | None = None  # the run directory; None writes nothing
     resume: str | None = None  # a run directory to continue from its checkpoint
@@ -176,6 +178,7 @@ class TrainConfig:
             "eval_batch_size",
             "log_interval",
             "vocab_size",
+            "data_parallel",
         ):
             check_int_setting(name, getattr(self, name), low=1)
         for name in ("warmup_steps", "sample_tokens", "seed"):
@@ -698,7 +701,11 @@ def resolve_config(cls, config, overrides):
             f"{other} --resume {resume}"
         )
     cfg_file = ckpt.path / "config.json"
-    saved = cls.from_dict(ckpt.train_config, source=f"{cfg_file}: train_config")
+    train_config = dict(ckpt.train_config)
+    if "data_parallel" in {f.name for f in fields(cls)}:
+        # a run saved before this setting existed stepped each batch whole
+        train_config.setdefault("data_parallel", 1)
+    saved = cls.from_dict(train_config, source=f"{cfg_file}: train_config")
     for name in cls.fixed_on_resume:
         if name in overrides and not _same_setting(name, overrides[name], getattr(saved, name)):
             raise ValueError(
@@ -853,6 +860,11 @@ class _Loop:
         self.metrics = {}  # of the last evaluation
         self.interval_time = self.train_seconds = self.eval_seconds = 0.0
         self.guard = _DeferInterrupts()
+        # A GPT on the CPU steps its batch in shards, one thread each (tinylm/parallel.py).
+        shards = getattr(cfg, "data_parallel", 1)
+        self.parallel = None
+        if shards > 1 and isinstance(task, LanguageModelTask) and model.device == "cpu":
+            self.parallel = DataParallel(model, shards)
         self.staged = False  # writing the staged names (see staged_name)
         self.history_before = self._prepare_files(ckpt, state)
 
@@ -867,6 +879,9 @@ class _Loop:
                 for name in RUN_FILES:
                     (self.run_dir / staged_name(name)).unlink(missing_ok=True)
             raise
+        finally:
+            if self.parallel is not None:
+                self.parallel.close()
 
     def _run(self) -> TrainResult:
         from tqdm import tqdm
@@ -910,8 +925,11 @@ class _Loop:
         cfg, model = self.cfg, self.model
         lr = lr_schedule(self.step, cfg.lr, self.warmup, self.decay_steps, cfg.min_lr)
         batch = self.task.get_batch(self.batch_rng)
-        loss = self.task.loss(model, batch)
-        grads = model.backward()
+        if self.parallel is not None:  # the same loss and gradients, the batch split over cores
+            loss, grads = self.parallel.forward_backward(*batch)
+        else:
+            loss = self.task.loss(model, batch)
+            grads = model.backward()
         if cfg.grad_clip > 0:
             norm = clip_grad_norm(grads, cfg.grad_clip)  # scales grads in place when too large
             _check_norm(norm, self.step + 1)

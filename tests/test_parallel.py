@@ -1,0 +1,81 @@
+"""tinylm.parallel.DataParallel: the batch's shards stepped in threads give the whole batch's
+loss and gradients (float64, to rounding), share the model's arrays, and stay reproducible."""
+
+import numpy as np
+import pytest
+
+from tinylm.backend import blas_threads_now
+from tinylm.gradcheck import randomize_params, rel_error
+from tinylm.model import GPT, GPTConfig
+from tinylm.parallel import DataParallel
+
+V = 11
+
+
+def tiny_model(dropout=0.0):
+    config = GPTConfig(vocab_size=V, block_size=8, n_layer=2, n_head=2, n_embd=8,
+                       dropout=dropout)  # fmt: skip
+    model = GPT(config, seed=0, dtype=np.float64)
+    randomize_params(model, np.random.default_rng(1))
+    return model
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 7])
+def test_shards_give_the_whole_batchs_loss_and_gradients(shards):
+    model = tiny_model()
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, V, size=(5, 8))  # 5 rows: uneven shards, and 7 > 5 leaves some empty
+    y = rng.integers(0, V, size=(5, 8))
+    y[0, :6] = -100  # ignored targets, unevenly spread: shards are weighted by N_i / N
+    y[3, 2] = -100
+    _, loss = model.forward(x, y)
+    grads = model.backward()
+    parallel = DataParallel(model, shards)
+    try:
+        loss_p, grads_p = parallel.forward_backward(x, y)
+    finally:
+        parallel.close()
+    assert abs(float(loss_p) - float(loss)) <= 1e-12 * abs(float(loss))
+    assert set(grads_p) == set(grads)
+    for name in grads:
+        assert rel_error(grads_p[name], grads[name]) <= 1e-12, name
+
+
+def test_replicas_share_the_models_arrays_and_see_its_updates():
+    model = tiny_model()
+    parallel = DataParallel(model, 2)
+    for replica in parallel.replicas:
+        assert all(replica.params[k] is model.params[k] for k in model.params)
+    model.params["wte.weight"][0, 0] += 1.0  # an optimizer's in-place update
+    assert all(r.params["wte.weight"][0, 0] == model.params["wte.weight"][0, 0]
+               for r in parallel.replicas)  # fmt: skip
+    parallel.close()
+
+
+def test_dropout_masks_follow_the_models_stream_and_threads_are_restored():
+    model = tiny_model(dropout=0.3)
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, V, size=(4, 8)), rng.integers(0, V, size=(4, 8))
+    parallel = DataParallel(model, 2)
+    threads_before = blas_threads_now()
+    state = model.dropout_rng.bit_generator.state
+    first, grads_first = parallel.forward_backward(x, y)
+    model.dropout_rng.bit_generator.state = state  # as a resumed run restores it
+    again, grads_again = parallel.forward_backward(x, y)
+    assert float(first) == float(again)
+    assert all(np.array_equal(grads_first[k], grads_again[k]) for k in grads_first)
+    third, _ = parallel.forward_backward(x, y)  # the stream moved on: new masks
+    assert float(third) != float(first)
+    model.eval()  # no dropout: the plain forward's loss
+    plain = float(model.forward(x, y)[1])
+    assert abs(float(parallel.forward_backward(x, y)[0]) - plain) <= 1e-12 * plain
+    assert blas_threads_now() == threads_before
+    parallel.close()
+
+
+def test_bad_arguments_are_named():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="shards must be a positive integer, got 0"):
+        DataParallel(model, 0)
+    with pytest.raises(TypeError, match="model must be a tinylm GPT, got dict"):
+        DataParallel({}, 2)
