@@ -96,6 +96,20 @@ def test_interrupted_run_resumes_exactly(tmp_path, text_file, monkeypatch, shard
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_saved_before_data_parallel_existed_resumes_with_whole_batches(tmp_path, text_file):
+    common = dict(TINY, text=str(text_file), dropout=0.1, steps=20, lr_decay_steps=20,
+                  data_parallel=1)
+    whole = train(out=str(tmp_path / "whole"), **common)
+    train(out=str(tmp_path / "old"), **dict(common, steps=10))
+    config_file = tmp_path / "old" / "checkpoint" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["train_config"]["data_parallel"]  # as written before the setting existed
+    config_file.write_text(json.dumps(config))
+    rest = train(resume=str(tmp_path / "old"), steps=20, verbose=False, progress=False)
+    assert rest.config.data_parallel == 1
+    assert rest.losses == whole.losses[10:]  # the same whole-batch steps, to the bit
+
+
 def test_run_directory_files(tmp_path, text_file):
     run = tmp_path / "run"
     train(text=str(text_file), out=str(run), steps=20, **dict(TINY, sample_tokens=30))

@@ -16,6 +16,7 @@ the GPU is asked for, so ``import tinylm`` works on a machine without it.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 
@@ -142,8 +143,10 @@ _OPENBLAS_THREAD_FUNCTIONS = (
 )
 
 
+@functools.lru_cache(maxsize=1)
 def _openblas_thread_functions():
-    """(get, set) of the OpenBLAS that NumPy uses, or None (another BLAS, or not found).
+    """(get, set) of the OpenBLAS that NumPy uses, or None (another BLAS, or not found); looked
+    up once.
 
     NumPy's wheels ship it in numpy.libs/ next to the package (numpy/.dylibs on macOS); the
     library is already loaded, so opening it again returns the same one, with its one thread pool.

@@ -240,7 +240,8 @@ class Bert:
     (the classifier after a pretraining forward, the NSP head without nsp_labels, ...) get zeros.
 
     ``Bert(config, params=arrays)`` takes given parameters (a Hugging Face directory's) instead
-    of drawing the random initialisation; ``seed`` then seeds only dropout.
+    of drawing the random initialisation; ``seed`` then seeds only dropout. Arrays already of
+    the model's dtype (and contiguous) are used as they are, not copied, and trained in place.
     """
 
     def __init__(self, config: BertConfig, seed: int = 0, dtype=np.float32, params=None):

@@ -185,7 +185,8 @@ def _add_train_parser(sub):
     setting(g, "--seed", "seed of the initialisation, batches, dropout and samples", type=int)
     setting(g, "--device", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"))
     setting(g, "--data-parallel", "on the CPU, step each batch in N shards at once, one thread "
-            "each (the same gradient); 1 steps it whole", type=int, metavar="N")  # fmt: skip
+            "each: the same gradient up to rounding (dropout draws other masks); 1 steps it "
+            "whole", type=int, metavar="N")  # fmt: skip
     g.add_argument("--config", metavar="FILE", help="a JSON file of settings (TrainConfig names)")
     p.set_defaults(func=cmd_train)
 

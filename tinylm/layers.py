@@ -240,7 +240,7 @@ def layernorm_backward(dout, cache):
     # dxhat's buffer: every (..., C) temporary NumPy allocates is a pass over memory of its own.
     dx = dxhat
     dx -= mean_dxhat
-    xhat *= mean_dxhat_xhat  # (xhat is not needed after this)
+    xhat *= mean_dxhat_xhat  # xhat's buffer now holds xhat * mean_c(dxhat * xhat)
     dx -= xhat
     dx *= rstd
     return dx, dgamma, dbeta
@@ -440,7 +440,9 @@ def attention_forward(q, k, v, causal=True, key_padding_mask=None):
         allowed = attention_mask(q.shape[2], k.shape[2], causal, key_padding_mask, xp)
         scores = xp.where(allowed, scores, -xp.inf)
     elif causal:
-        scores += causal_mask_bias(q.shape[2], k.shape[2], scores.dtype, xp)  # S + mask, in place
+        # S + mask, in place (scores are finite: only an overflowed run, with +inf scores,
+        # would meet inf - inf here)
+        scores += causal_mask_bias(q.shape[2], k.shape[2], scores.dtype, xp)
     probs, _ = softmax_forward(scores, axis=-1)  # (B, H, Tq, Tk)
     out = probs @ v  # (B,H,Tq,Tk) @ (B,H,Tk,D) -> (B,H,Tq,D)
     return out, (q, k, v, probs, scale)

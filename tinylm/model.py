@@ -389,6 +389,8 @@ class GPT:
         the first call and filled from the left. A new token then costs a copy of its own key
         and value; growing an array by concatenation would copy the whole past at every token.
         kv_cache["k"] and kv_cache["v"] are views of the filled part, (B, H, T_past + T, D).
+        (On the GPU the fused kernel copies such a view to a contiguous array, so there the
+        buffer saves the regrowing, not the copy.)
         """
         xp = get_array_module(k)
         B, H, T, D = k.shape

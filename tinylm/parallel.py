@@ -22,25 +22,29 @@ time. NumPy releases Python's lock inside its array operations, so the threads d
     loss, grads = parallel.forward_backward(x, y)    # as model.forward(x, y); model.backward()
 
 Dropout stays reproducible: each step draws one seed per shard from the model's own dropout
-stream, so a run that is stopped and resumed draws the same masks.
+stream, so a run that is stopped and resumed draws the same masks (other masks than the whole
+batch's, so a run keeps its number of shards to be repeated exactly).
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
-from tinylm.backend import blas_threads
+from tinylm.backend import blas_threads, blas_threads_now
+
+IGNORE_INDEX = -100  # the targets GPT.forward's cross-entropy leaves out
 
 
 class DataParallel:
     """``model`` (a GPT on the CPU) stepped over ``shards`` parts of each batch, in threads.
 
     forward_backward(x, y) returns (loss, grads) equal to model.forward(x, y) followed by
-    model.backward(), up to float rounding. The replicas share model.params, so an optimizer
-    step on model.params is seen by all of them.
+    model.backward(), up to float rounding (with dropout on, the masks are other draws). The
+    replicas share model.params, so an optimizer step on model.params is seen by all of them.
     """
 
     def __init__(self, model, shards: int = 2):
@@ -53,15 +57,20 @@ class DataParallel:
         if model.device != "cpu":
             raise ValueError("DataParallel splits a batch over CPU cores; the model is on the GPU")
         self.model, self.shards = model, int(shards)
-        # Replicas: the same parameter arrays (GPT takes arrays of its dtype as they are).
-        self.replicas = [
-            GPT(model.config, dtype=model.dtype, params=model.params) for _ in range(self.shards)
-        ]
-        # BLAS threads per shard: the cores shared out, at least one each.
-        self.blas_threads = max(1, (os.cpu_count() or 1) // self.shards)
-        self.pool = ThreadPoolExecutor(max_workers=self.shards) if self.shards > 1 else None
+        # Replicas: shallow copies, so model.params (the very same dict of arrays), the config
+        # and the position table are shared; each keeps its own caches and dropout stream.
+        self.replicas = [copy.copy(model) for _ in range(self.shards)]
+        for replica in self.replicas:
+            replica._caches = None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        # BLAS threads per shard: the threads NumPy's BLAS has now, shared out, at least one.
+        self.blas_threads = max(1, (blas_threads_now() or cores or 1) // self.shards)
+        # On one core the shards run one after the other in this thread: the same arithmetic,
+        # so the same results, without threads that could only take turns.
+        parallel = self.shards > 1 and (cores or 1) > 1
+        self.pool = ThreadPoolExecutor(max_workers=self.shards) if parallel else None
 
-    def forward_backward(self, x, y, ignore_index: int = -100):
+    def forward_backward(self, x, y):
         """The loss of idx x (B, T) against targets y (B, T), and its gradients (a dict like
         model.params): each shard of rows forward and backward on its own replica, then
         L = sum_i (N_i / N) L_i and dW = sum_i (N_i / N) dW_i."""
@@ -74,15 +83,23 @@ class DataParallel:
             replica.training = self.model.training
             replica.dropout_rng = np.random.default_rng(seeds[i])
             _, loss = replica.forward(x[rows], y[rows])
-            return loss, replica.backward()
+            grads = replica.backward()
+            replica._caches = None  # the activations are not needed after the backward
+            return loss, grads
 
-        with blas_threads(self.blas_threads):
-            if self.pool is None or len(row_shards) == 1:
-                results = [step(i) for i in range(len(row_shards))]
-            else:
-                results = list(self.pool.map(step, range(len(row_shards))))
+        if self.pool is None or len(row_shards) == 1:
+            results = [step(i) for i in range(len(row_shards))]
+        else:
+            with blas_threads(self.blas_threads):
+                futures = [self.pool.submit(step, i) for i in range(len(row_shards))]
+                try:
+                    results = [f.result() for f in futures]
+                finally:
+                    # A Ctrl-C lands in this thread: let the shards finish before the BLAS
+                    # thread count is restored under them.
+                    wait(futures)
 
-        counted = [int((y[rows] != ignore_index).sum()) for rows in row_shards]  # N_i
+        counted = [int((y[rows] != IGNORE_INDEX).sum()) for rows in row_shards]  # N_i
         N = sum(counted)
         weights = [n / N if N else 1.0 / len(counted) for n in counted]  # N_i / N
         loss = sum(w * float(shard_loss) for w, (shard_loss, _) in zip(weights, results,

@@ -465,11 +465,12 @@ class TextClassificationPipeline:
                 max_length=max_length, truncation=max_length is not None,
             )
             longest = enc["input_ids"].shape[1]
-            if max_length is None and longest > model_max_length(self.model, longest):
+            limit = model_max_length(self.model, longest)
+            if max_length is None and longest > limit:
                 raise ValueError(
-                    f"an input of {longest} tokens is longer than the "
-                    f"{model_max_length(self.model, longest)} the model reads; pass "
-                    "truncation=True to cut it, as in transformers"
+                    f"an input of {longest} tokens is longer than the {limit} the model reads; "
+                    "pass truncation=True to the classifier (or max_length= to probabilities) "
+                    "to cut it, as in transformers"
                 )
             logits, _ = self.model.classify(
                 enc["input_ids"], enc["token_type_ids"], enc["attention_mask"]

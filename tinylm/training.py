@@ -481,9 +481,9 @@ class LanguageModelTask:
 def evaluate(model: GPT, data, block_size: int, batch_size: int = 64) -> float:
     """The mean loss per token over ALL of ``data`` (a 1-D token array), dropout off.
 
-    data.eval_windows tiles the N - 1 targets exactly once; each batch's mean loss is weighted by
-    its number of targets, so the result is the exact token-weighted mean (it does not depend on
-    batch_size up to float rounding).
+    data.eval_windows tiles the N - 1 targets exactly once; the per-token losses of every batch
+    are summed in float64 and divided by their count, so the result is the exact token mean (it
+    does not depend on batch_size up to float rounding).
     """
     total, n = 0.0, 0
     for x, y in data_io.eval_windows(data, block_size, batch_size):
