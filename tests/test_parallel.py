@@ -79,3 +79,16 @@ def test_bad_arguments_are_named():
         DataParallel(model, 0)
     with pytest.raises(TypeError, match="model must be a tinylm GPT, got dict"):
         DataParallel({}, 2)
+
+
+def test_loss_sum_scores_the_batch_like_the_whole_model():
+    from tinylm.evaluation import nll_sum
+
+    model = tiny_model(dropout=0.5).train()  # loss_sum must turn dropout off, as logits does
+    rng = np.random.default_rng(5)
+    x, y = rng.integers(0, V, size=(5, 8)), rng.integers(0, V, size=(5, 8))
+    whole = nll_sum(model.logits(x), y)
+    parallel = DataParallel(model, 2)
+    assert abs(parallel.loss_sum(x, y) - whole) <= 1e-12 * whole
+    assert model.training and all(r.training for r in parallel.replicas)  # left as they were
+    parallel.close()

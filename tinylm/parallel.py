@@ -87,17 +87,7 @@ class DataParallel:
             replica._caches = None  # the activations are not needed after the backward
             return loss, grads
 
-        if self.pool is None or len(row_shards) == 1:
-            results = [step(i) for i in range(len(row_shards))]
-        else:
-            with blas_threads(self.blas_threads):
-                futures = [self.pool.submit(step, i) for i in range(len(row_shards))]
-                try:
-                    results = [f.result() for f in futures]
-                finally:
-                    # A Ctrl-C lands in this thread: let the shards finish before the BLAS
-                    # thread count is restored under them.
-                    wait(futures)
+        results = self._run(step, len(row_shards))
 
         counted = [int((y[rows] != IGNORE_INDEX).sum()) for rows in row_shards]  # N_i
         N = sum(counted)
@@ -110,6 +100,33 @@ class DataParallel:
             for w, (_, other) in zip(weights[1:], results[1:], strict=True):
                 g += g.dtype.type(w) * other[name]
         return np.asarray(loss, dtype=self.model.dtype), grads
+
+    def loss_sum(self, x, y) -> float:
+        """sum over the targets of y (B, T) of -log p(target), dropout off and no caches kept:
+        each shard's logits on its own replica, in threads, summed in float64 (evaluation)."""
+        from tinylm.evaluation import nll_sum
+
+        x, y = np.asarray(x), np.asarray(y)
+        row_shards = [rows for rows in np.array_split(np.arange(len(x)), self.shards) if rows.size]
+
+        def shard_sum(i):
+            rows = row_shards[i]
+            return nll_sum(self.replicas[i].logits(x[rows]), y[rows])
+
+        return sum(self._run(shard_sum, len(row_shards)))
+
+    def _run(self, fn, n):
+        """[fn(0), ..., fn(n - 1)], in the pool's threads with the BLAS threads shared out."""
+        if self.pool is None or n == 1:
+            return [fn(i) for i in range(n)]
+        with blas_threads(self.blas_threads):
+            futures = [self.pool.submit(fn, i) for i in range(n)]
+            try:
+                return [f.result() for f in futures]
+            finally:
+                # A Ctrl-C lands in this thread: let the shards finish before the BLAS thread
+                # count is restored under them.
+                wait(futures)
 
     def close(self):
         """Stop the threads (they also stop when the object is garbage-collected)."""

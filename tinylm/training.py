@@ -460,6 +460,7 @@ class LanguageModelTask:
             cfg.eval_batch_size, cfg.sample_tokens, cfg.seed
         )
         self.tokens_per_step = self.B * self.T
+        self.parallel = None  # the loop's DataParallel, when it steps the batch in shards
 
     def get_batch(self, rng):
         return data_io.get_batch(self.train_data, self.T, self.B, rng)  # x, y: (B, T)
@@ -470,7 +471,8 @@ class LanguageModelTask:
         return loss
 
     def evaluate(self, model) -> dict:
-        return {"val_loss": evaluate(model, self.val_data, self.T, self.eval_batch_size)}
+        return {"val_loss": evaluate(model, self.val_data, self.T, self.eval_batch_size,
+                                     self.parallel)}
 
     def sample(self, model, step: int) -> str | None:
         if self.sample_tokens == 0:
@@ -478,17 +480,20 @@ class LanguageModelTask:
         return sample_text(model, self.tokenizer, self.sample_tokens, seed=self.seed + step)
 
 
-def evaluate(model: GPT, data, block_size: int, batch_size: int = 64) -> float:
+def evaluate(model: GPT, data, block_size: int, batch_size: int = 64, parallel=None) -> float:
     """The mean loss per token over ALL of ``data`` (a 1-D token array), dropout off.
 
     data.eval_windows tiles the N - 1 targets exactly once; the per-token losses of every batch
     are summed in float64 and divided by their count, so the result is the exact token mean (it
-    does not depend on batch_size up to float rounding).
+    does not depend on batch_size up to float rounding). With ``parallel`` (a DataParallel of
+    the model) each batch's shards are scored in threads.
     """
     total, n = 0.0, 0
     for x, y in data_io.eval_windows(data, block_size, batch_size):
-        # model.logits: dropout off and no caches kept for a backward that never comes
-        total += nll_sum(model.logits(x), model.xp.asarray(y))  # summed over the batch's targets
+        if parallel is not None:  # the batch's shards in threads
+            total += parallel.loss_sum(x, y)
+        else:  # model.logits: dropout off and no caches kept for a backward that never comes
+            total += nll_sum(model.logits(x), model.xp.asarray(y))  # summed over the targets
         n += y.size
     return total / n
 
@@ -865,6 +870,7 @@ class _Loop:
         self.parallel = None
         if shards > 1 and isinstance(task, LanguageModelTask) and model.device == "cpu":
             self.parallel = DataParallel(model, shards)
+            task.parallel = self.parallel  # the evaluations use its threads too
         self.staged = False  # writing the staged names (see staged_name)
         self.history_before = self._prepare_files(ckpt, state)
 
