@@ -487,7 +487,10 @@ def main(argv=None):
         torch_version = torch.__version__
     load_before = os.getloadavg()
     print(f"threads: {args.threads}; load average {load_before[0]:.2f}")
-    peak = matmul_gflops()
+    from tinylm.backend import blas_threads
+
+    with blas_threads(args.threads):  # the workers' thread count, so the peak is theirs too
+        peak = matmul_gflops()
     print(f"float32 matmul throughput (2048^3, median): {peak:.1f} GFLOP/s")
     results = []
     for name, (L, H, C, T, B) in args.sizes.items():
