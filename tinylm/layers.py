@@ -167,7 +167,7 @@ def linear_backward(dout, cache):
     x2 = x.reshape(-1, Cin)  # (R, Cin)
     dx = (dout2 @ W.T).reshape(x.shape)  # (R, Cout) @ (Cout, Cin) -> (R, Cin) -> (..., Cin)
     dW = x2.T @ dout2  # (Cin, R) @ (R, Cout) -> (Cin, Cout)
-    db = dout2.sum(axis=0) if has_bias else None
+    db = _sum_over_rows(dout2) if has_bias else None  # (Cout,)
     return dx, dW, db
 
 
@@ -202,9 +202,11 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
             f"got {tuple(gamma.shape)} and {tuple(beta.shape)}"
         )
     xp = get_array_module(x)
-    mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    # The two means over c: _sum_along is x @ ones (one BLAS matrix-vector product), _rowdot
+    # an einsum (one pass, no (..., C) temporary); both beat NumPy's mean over short rows.
+    mu = _sum_along(x, -1) / C  # (..., 1), mean_c x
     xc = x - mu  # (..., C)
-    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1), the biased variance
+    var = _rowdot(xc, xc, -1) / C  # (..., 1), mean_c (x - mu)^2, the biased variance
     rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
     out = xc  # out = gamma * xc * rstd + beta, built in xc's buffer (one (..., C) array, not three)
     out *= rstd
@@ -230,12 +232,12 @@ def layernorm_backward(dout, cache):
     C = x.shape[-1]
     xhat = x - mu
     xhat *= rstd  # (..., C)
-    dbeta = dout.reshape(-1, C).sum(axis=0)
-    product = dout * xhat  # (..., C), reused below for dxhat * xhat
-    dgamma = product.reshape(-1, C).sum(axis=0)
-    dxhat = dout * gamma
-    mean_dxhat = dxhat.mean(axis=-1, keepdims=True)  # (..., 1)
-    mean_dxhat_xhat = xp.multiply(dxhat, xhat, out=product).mean(axis=-1, keepdims=True)
+    dbeta = _sum_over_rows(dout.reshape(-1, C))  # (C,)
+    # sum over positions of dout * xhat, as one einsum: no (..., C) product array is made
+    dgamma = xp.einsum("rc,rc->c", dout.reshape(-1, C), xhat.reshape(-1, C))  # (C,)
+    dxhat = dout * gamma  # (..., C)
+    mean_dxhat = _sum_along(dxhat, -1) / C  # (..., 1)
+    mean_dxhat_xhat = _rowdot(dxhat, xhat, -1) / C  # (..., 1)
     # dx = rstd * (dxhat - mean_c(dxhat) - xhat * mean_c(dxhat * xhat)), term by term in
     # dxhat's buffer: every (..., C) temporary NumPy allocates is a pass over memory of its own.
     dx = dxhat
@@ -267,10 +269,9 @@ def gelu_forward(x):
     _check_float_array("x", x)
     xp = get_array_module(x)
     tanh_u = x * x
-    tanh_u *= _GELU_A
-    tanh_u += 1.0
-    tanh_u *= x
-    tanh_u *= _GELU_K  # u = sqrt(2/pi) * x * (1 + 0.044715 x^2)
+    tanh_u *= _GELU_K * _GELU_A
+    tanh_u += _GELU_K
+    tanh_u *= x  # u = x (sqrt(2/pi) + sqrt(2/pi) 0.044715 x^2) = sqrt(2/pi) (x + 0.044715 x^3)
     xp.tanh(tanh_u, out=tanh_u)  # tanh(u)
     out = tanh_u + 1.0
     out *= x
@@ -289,9 +290,8 @@ def gelu_backward(dout, cache):
     x, tanh_u = cache
     xp = get_array_module(x)
     local = x * x
-    local *= 3.0 * _GELU_A
-    local += 1.0
-    local *= _GELU_K  # du/dx = sqrt(2/pi) (1 + 3*0.044715 x^2)
+    local *= _GELU_K * 3.0 * _GELU_A
+    local += _GELU_K  # du/dx = sqrt(2/pi) + sqrt(2/pi) 3*0.044715 x^2
     sech2 = tanh_u * tanh_u
     xp.subtract(1.0, sech2, out=sech2)  # 1 - tanh(u)^2
     sech2 *= x
@@ -330,14 +330,55 @@ def softmax_forward(x, axis=-1):
     its max is replaced by 0, so every exp is exp(-inf) = 0 and the row sum is 0.
     """
     _check_float_array("x", x)
+    probs = _softmax(x, axis, out=None)
+    return probs, (probs, axis)
+
+
+def _softmax(x, axis, out):
+    """softmax_forward's arithmetic, written into out (a new array when out is None; attention
+    passes its own scores as out, so no second (B, H, Tq, Tk) array is made)."""
     xp = get_array_module(x)
-    m = x.max(axis=axis, keepdims=True)
+    m = _max_along(x, axis)
     m = xp.where(xp.isfinite(m), m, 0.0)  # -inf rows: subtract 0 instead of -inf (no inf - inf)
-    e = x - m
-    xp.exp(e, out=e)  # exp(x - m), in the buffer of x - m
-    s = e.sum(axis=axis, keepdims=True)
+    e = xp.subtract(x, m, out=out)  # x - m
+    xp.exp(e, out=e)  # exp(x - m), in the same buffer
+    s = _sum_along(e, axis)
     e /= xp.where(s == 0, 1.0, s)  # out = e / sum(e), in place
-    return e, (e, axis)
+    return e
+
+
+def _max_along(x, axis):
+    """x.max(axis, keepdims=True), found as the entry at x.argmax(axis).
+
+    The same number (NaN included); on the CPU, NumPy 2's max over many short rows (attention's
+    rows of T scores) is two to three times slower than its argmax, so the max is read there.
+    """
+    xp = get_array_module(x)
+    return xp.take_along_axis(x, x.argmax(axis=axis, keepdims=True), axis=axis)
+
+
+def _sum_along(x, axis):
+    """x.sum(axis, keepdims=True). Over the last axis it is x @ ones, a matrix-vector product:
+    BLAS sums many short rows several times faster than NumPy's reduction does."""
+    xp = get_array_module(x)
+    if axis in (-1, x.ndim - 1):
+        return (x @ xp.ones(x.shape[-1], dtype=x.dtype))[..., None]
+    return x.sum(axis=axis, keepdims=True)
+
+
+def _rowdot(a, b, axis):
+    """sum over one axis of a * b, keepdims, without making the product a * b as an array."""
+    xp = get_array_module(a)
+    if axis in (-1, a.ndim - 1):
+        return xp.einsum("...j,...j->...", a, b)[..., None]
+    return (a * b).sum(axis=axis, keepdims=True)
+
+
+def _sum_over_rows(x2):
+    """x2.sum(axis=0) of an (R, C) array, as ones(R) @ x2: a bias's or a scale's gradient,
+    summed over all R positions. BLAS does it several times faster than NumPy's sum(axis=0)."""
+    xp = get_array_module(x2)
+    return xp.ones(x2.shape[0], dtype=x2.dtype) @ x2
 
 
 def softmax_backward(dout, cache):
@@ -349,8 +390,15 @@ def softmax_backward(dout, cache):
     A fully masked row has p = 0, so its gradient is 0.
     """
     y, axis = cache
-    dx = dout * y  # y_j dout_j
-    dx -= y * dx.sum(axis=axis, keepdims=True)  # - y_j sum_i dout_i y_i
+    return _softmax_backward(dout, y, axis, out=None)
+
+
+def _softmax_backward(dout, y, axis, out):
+    """softmax_backward's arithmetic, dx = y * (dout - sum_i dout_i y_i), written into out
+    (a new array when out is None; attention passes dP, which it no longer needs)."""
+    xp = get_array_module(dout)
+    dx = xp.subtract(dout, _rowdot(dout, y, axis), out=out)  # dout_j - sum_i dout_i y_i
+    dx *= y  # y_j (dout_j - sum_i dout_i y_i)
     return dx
 
 
@@ -443,7 +491,7 @@ def attention_forward(q, k, v, causal=True, key_padding_mask=None):
         # S + mask, in place (scores are finite: only an overflowed run, with +inf scores,
         # would meet inf - inf here)
         scores += causal_mask_bias(q.shape[2], k.shape[2], scores.dtype, xp)
-    probs, _ = softmax_forward(scores, axis=-1)  # (B, H, Tq, Tk)
+    probs = _softmax(scores, -1, out=scores)  # P = softmax(S) (B, H, Tq, Tk), in S's buffer
     out = probs @ v  # (B,H,Tq,Tk) @ (B,H,Tk,D) -> (B,H,Tq,D)
     return out, (q, k, v, probs, scale)
 
@@ -463,7 +511,7 @@ def attention_backward(dout, cache):
     q, k, v, probs, scale = cache
     dv = probs.swapaxes(-1, -2) @ dout
     dprobs = dout @ v.swapaxes(-1, -2)
-    dscores = softmax_backward(dprobs, (probs, -1))
+    dscores = _softmax_backward(dprobs, probs, -1, out=dprobs)  # softmax's backward, in dP's buffer
     dq = dscores @ k
     dq *= scale  # dQ = scale * dS K
     dk = dscores.swapaxes(-1, -2) @ q
