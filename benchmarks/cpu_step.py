@@ -383,8 +383,10 @@ def measure_size(size, kinds, rounds, threads, profile_steps_n):
     workers = {kind: Worker(kind, size, threads) for kind in kinds}
     try:
         losses = {kind: w.ask("loss")["loss"] for kind, w in workers.items()}
-        # Steps per turn, from one probe step of the slowest way.
-        probe = max(w.ask("steps 1")["seconds"][0] for w in workers.values())
+        # Steps per turn, from the slowest way's median of three probe steps (one step alone
+        # can be an outlier, and turns of two steps would then time mostly first steps after
+        # a pause, when threads and caches are cold).
+        probe = max(statistics.median(w.ask("steps 3")["seconds"]) for w in workers.values())
         per_turn = max(1, round(TURN_SECONDS / probe))
         if not profile_steps_n:  # torch.profiler's: about PROFILE_SECONDS of steps, at least 5
             profile_steps_n = max(5, round(PROFILE_SECONDS / probe))
