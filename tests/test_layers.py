@@ -354,6 +354,29 @@ def test_gelu_gradcheck():
     assert_rows_ok(rows, SMOOTH_TOL)
 
 
+def gelu_tanh_derivative(x):
+    """d/dx of 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), written out directly."""
+    k = math.sqrt(2.0 / math.pi)
+    t = np.tanh(k * (x + 0.044715 * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * k * (1 + 3 * 0.044715 * x**2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_gelu_in_many_row_blocks_equals_the_formula(layout):
+    """An activation larger than one cache block (layers._row_blocks) is computed block by
+    block; every block, the last partial one included, must be written, in any input layout."""
+    rng = np.random.default_rng(16)
+    x = randn(rng, 3, 801, 77) * 3  # 2403 rows of 77 float64: several blocks and a partial one
+    if layout == "transposed":
+        x = np.ascontiguousarray(x.transpose(2, 1, 0)).transpose(2, 1, 0)  # same values, F order
+    assert len(layers._row_blocks(x.reshape(-1, 77))) > 2
+    dout = randn(rng, *x.shape)
+    out, cache = layers.gelu_forward(x)
+    np.testing.assert_allclose(out, gelu_tanh(x), rtol=1e-13, atol=1e-15)
+    dx = layers.gelu_backward(dout, cache)
+    np.testing.assert_allclose(dx, dout * gelu_tanh_derivative(x), rtol=1e-12, atol=1e-14)
+
+
 def away_from_zero(x, margin=1e-3):
     return np.where(np.abs(x) < margin, np.sign(x + 1e-300) * margin * 2, x)
 

@@ -263,20 +263,31 @@ def gelu_forward(x):
         out = 0.5 x (1 + tanh(u))
     The cache holds x and tanh(u), both needed by the derivative.
 
-    GELU runs on the widest activation, (B, T, 4C), so it is written as in-place steps on
-    two buffers: NumPy would allocate a fresh (B, T, 4C) array for every operator otherwise.
+    GELU runs on the widest activation, (B, T, 4C), a few MB, so the formula is computed one
+    block of rows at a time (_row_blocks): each of its passes then reads a block that is still
+    in the core's cache from the pass before, instead of streaming the whole array from memory.
     """
     _check_float_array("x", x)
     xp = get_array_module(x)
-    tanh_u = x * x
+    out, tanh_u = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)  # C order, as _rows needs
+    x2, out2, tanh_u2 = _rows(x), _rows(out), _rows(tanh_u)  # (R, C) views (x2 may be a copy)
+    for rows in _row_blocks(x2):
+        _gelu_forward_block(x2[rows], out2[rows], tanh_u2[rows])
+    return out, (x, tanh_u)
+
+
+def _gelu_forward_block(x, out, tanh_u):
+    """gelu_forward's formula on one block, written into out and tanh_u (in-place steps: NumPy
+    would make a new array for every operator otherwise)."""
+    xp = get_array_module(x)
+    xp.multiply(x, x, out=tanh_u)
     tanh_u *= _GELU_K * _GELU_A
     tanh_u += _GELU_K
     tanh_u *= x  # u = x (sqrt(2/pi) + sqrt(2/pi) 0.044715 x^2) = sqrt(2/pi) (x + 0.044715 x^3)
     xp.tanh(tanh_u, out=tanh_u)  # tanh(u)
-    out = tanh_u + 1.0
+    xp.add(tanh_u, 1.0, out=out)
     out *= x
     out *= 0.5  # 0.5 x (1 + tanh(u))
-    return out, (x, tanh_u)
 
 
 def gelu_backward(dout, cache):
@@ -286,10 +297,22 @@ def gelu_backward(dout, cache):
     and du/dx = sqrt(2/pi) (1 + 3*0.044715 x^2):
         dout/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3*0.044715 x^2)
         dx = dout * dout/dx
+    Computed a block of rows at a time, as the forward is.
     """
     x, tanh_u = cache
     xp = get_array_module(x)
-    local = x * x
+    dx = xp.empty(x.shape, x.dtype)
+    dout2, x2, tanh_u2, dx2 = _rows(dout), _rows(x), _rows(tanh_u), _rows(dx)
+    for rows in _row_blocks(x2):
+        _gelu_backward_block(dout2[rows], x2[rows], tanh_u2[rows], dx2[rows])
+    return dx
+
+
+def _gelu_backward_block(dout, x, tanh_u, dx):
+    """gelu_backward's formula on one block, written into dx."""
+    xp = get_array_module(x)
+    local = dx  # dout/dx is built in dx's buffer, then multiplied by dout
+    xp.multiply(x, x, out=local)
     local *= _GELU_K * 3.0 * _GELU_A
     local += _GELU_K  # du/dx = sqrt(2/pi) + sqrt(2/pi) 3*0.044715 x^2
     sech2 = tanh_u * tanh_u
@@ -300,7 +323,33 @@ def gelu_backward(dout, cache):
     local += 1.0
     local *= 0.5  # 0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) du/dx = dout/dx
     local *= dout  # dx = dout * dout/dx
-    return local
+
+
+# Per array: a block's three or four arrays fit a 2 MB L2 cache. Measured (benchmarks/results):
+# 4-5% off a training step; 128 KB blocks slowed the two-thread step (four times the NumPy calls).
+_BLOCK_BYTES = 512 * 1024
+
+
+def _rows(a):
+    """a as an (R, C) array of rows, C its last axis: a view when a is C-contiguous (as the
+    outputs made above are), else a copy (fine for an input, which is only read)."""
+    C = a.shape[-1] if a.ndim and a.shape[-1] else 1
+    return a.reshape(a.size // C, C)
+
+
+def _row_blocks(x2):
+    """Slices that cut the rows of x2 (R, C) into blocks of about _BLOCK_BYTES each.
+
+    An element-wise formula of k operators makes k passes over its arrays. On a whole (B, T, 4C)
+    activation each pass streams megabytes from main memory; on a block, every pass after the
+    first finds it in the cache (cache blocking, as a BLAS does for a matrix product). On a GPU
+    there is no such cache to fit and each pass is a kernel launch, so there it is one block.
+    """
+    R, C = x2.shape
+    if not isinstance(x2, np.ndarray):
+        return [slice(None)]
+    rows = max(1, _BLOCK_BYTES // max(1, C * x2.itemsize))
+    return [slice(i, i + rows) for i in range(0, R, rows)] or [slice(None)]
 
 
 def relu_forward(x):
