@@ -532,7 +532,7 @@ def attention_forward(q, k, v, causal=True, key_padding_mask=None):
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D)
     # (Q * scale) K^T: the scale on Q (B,H,Tq,D), a smaller array than S (B,H,Tq,Tk)
-    scores = (q * scale) @ k.swapaxes(-1, -2)  # (B,H,Tq,D) @ (B,H,D,Tk) -> (B,H,Tq,Tk)
+    scores = (q * scale) @ _transpose(k)  # (B,H,Tq,D) @ (B,H,D,Tk) -> (B,H,Tq,Tk)
     if key_padding_mask is not None:
         allowed = attention_mask(q.shape[2], k.shape[2], causal, key_padding_mask, xp)
         scores = xp.where(allowed, scores, -xp.inf)
@@ -543,6 +543,12 @@ def attention_forward(q, k, v, causal=True, key_padding_mask=None):
     probs = _softmax(scores, -1, out=scores)  # P = softmax(S) (B, H, Tq, Tk), in S's buffer
     out = probs @ v  # (B,H,Tq,Tk) @ (B,H,Tk,D) -> (B,H,Tq,D)
     return out, (q, k, v, probs, scale)
+
+
+def _transpose(a):
+    """a^T over the last two axes, copied into row order: NumPy's batched product of small
+    matrices (T = 64) runs about twice as fast as with the transposed view."""
+    return get_array_module(a).ascontiguousarray(a.swapaxes(-1, -2))
 
 
 def attention_backward(dout, cache):
@@ -559,7 +565,7 @@ def attention_backward(dout, cache):
     """
     q, k, v, probs, scale = cache
     dv = probs.swapaxes(-1, -2) @ dout
-    dprobs = dout @ v.swapaxes(-1, -2)
+    dprobs = dout @ _transpose(v)  # dP = dO V^T
     dscores = _softmax_backward(dprobs, probs, -1, out=dprobs)  # softmax's backward, in dP's buffer
     dq = dscores @ k
     dq *= scale  # dQ = scale * dS K
