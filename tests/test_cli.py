@@ -202,20 +202,26 @@ def test_gpu_without_cupy(capsys, text_file, tmp_path):
 # -- Ctrl-C ----------------------------------------------------------------------------------
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(capsys, monkeypatch, tmp_path, text_file):
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(capsys, monkeypatch, tmp_path, text_file,
+                                                 workers):
     calls = {"n": 0}
     backward = GPT.backward
+    # backward calls in this process per step, two shards a step (--data-parallel 2): both in
+    # threads here, or shard 0 here and shard 1 in a worker process (which the patch misses)
+    per_step = 2 if workers == "threads" else 1
 
     def backward_then_interrupt(self):
         calls["n"] += 1
-        if calls["n"] == 2 * 6 + 1:  # step 7 (two shards a step: --data-parallel 2)
+        if calls["n"] == per_step * 6 + 1:  # during step 7
             raise KeyboardInterrupt
         return backward(self)
 
     monkeypatch.setattr(GPT, "backward", backward_then_interrupt)
     out = tmp_path / "run"
     code = cli.main(["train", "--text", str(text_file), "--out", str(out), "--steps", "10",
-                     "--data-parallel", "2", *TINY])  # fmt: skip
+                     "--data-parallel", "2", "--data-parallel-workers", workers,
+                     *TINY])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 130
     assert f"tinylm train --resume {out}" in err

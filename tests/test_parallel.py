@@ -1,6 +1,8 @@
 """tinylm.parallel.DataParallel: the batch's shards stepped in threads give the whole batch's
 loss and gradients (float64, to rounding), share the model's arrays, and stay reproducible."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,64 @@ def test_loss_sum_scores_the_batch_like_the_whole_model():
     assert abs(parallel.loss_sum(x, y) - whole) <= 1e-12 * whole
     assert model.training and all(r.training for r in parallel.replicas)  # left as they were
     parallel.close()
+
+
+# -- worker processes (processes=True) --------------------------------------------------------
+
+
+def _same_dropout_start(model, f):
+    """f() with the model's dropout stream rewound afterwards, so the next call draws alike."""
+    state = model.dropout_rng.bit_generator.state
+    out = f()
+    model.dropout_rng.bit_generator.state = state
+    return out
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_worker_processes_give_the_threads_results_bit_for_bit(shards):
+    """Shard 0 here, the others in worker processes on shared memory: the same arithmetic as
+    the threads, so the same loss, gradients and evaluation sum, to the last bit."""
+    model = tiny_model(dropout=0.2)
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, V, size=(5, 8)), rng.integers(0, V, size=(5, 8))
+    y_ignored = y.copy()
+    y_ignored[1, :5] = -100
+    threads, processes = DataParallel(model, shards), DataParallel(model, shards, processes=True)
+    try:
+        assert processes.processes is not None and len(processes.processes.workers) == shards - 1
+        for _ in range(2):  # the second step sees parameters changed in place between steps
+            loss_t, grads_t = _same_dropout_start(
+                model, lambda: threads.forward_backward(x, y_ignored))
+            loss_p, grads_p = processes.forward_backward(x, y_ignored)
+            assert float(loss_p) == float(loss_t)
+            assert list(grads_p) == list(grads_t)
+            assert all(np.array_equal(grads_p[k], grads_t[k]) for k in grads_t)
+            for name, g in grads_p.items():  # an optimizer step, in place on model.params
+                model.params[name] -= 0.1 * g
+        assert processes.loss_sum(x, y) == threads.loss_sum(x, y)
+        # the gradients returned are the caller's: the next step does not write over them
+        kept = {k: g.copy() for k, g in grads_p.items()}
+        processes.forward_backward(x[::-1], y[::-1])
+        assert all(np.array_equal(kept[k], grads_p[k]) for k in kept)
+    finally:
+        threads.close()
+        files = list(processes.processes.paths)
+        workers = list(processes.processes.workers)
+        processes.close()
+    assert all(w.poll() is not None for w in workers)  # stopped
+    assert not any(os.path.exists(f) for f in files)  # and their shared memory removed
+
+
+def test_an_error_in_a_worker_is_raised_here_and_the_workers_go_on():
+    model = tiny_model()
+    parallel = DataParallel(model, 2, processes=True)
+    try:
+        x = np.zeros((4, 8), dtype=np.int64)
+        x[3, 0] = V  # a bad token id in the last row: shard 1, in the worker
+        with pytest.raises(ValueError, match=f"{V}"):
+            parallel.forward_backward(x, x)
+        x[3, 0] = 0
+        loss, _ = parallel.forward_backward(x, x)  # the workers still answer, in order
+        assert np.isfinite(float(loss))
+    finally:
+        parallel.close()

@@ -66,20 +66,23 @@ def test_resume_is_bit_for_bit(tmp_path, text_file):
     assert steps == [5, 10, 15, 20]
 
 
-@pytest.mark.parametrize("shards", [1, 2])
-def test_interrupted_run_resumes_exactly(tmp_path, text_file, monkeypatch, shards):
+@pytest.mark.parametrize("shards, workers", [(1, "threads"), (2, "threads"), (2, "processes")])
+def test_interrupted_run_resumes_exactly(tmp_path, text_file, monkeypatch, shards, workers):
     """A KeyboardInterrupt in the middle of step 13 saves the state after step 12 (the random
     draws of the unfinished step undone), and the resumed run matches an uninterrupted one,
-    with the batch stepped whole or in two shards (two backward calls a step)."""
-    common = dict(TINY, text=str(text_file), dropout=0.1, steps=20, data_parallel=shards)
+    with the batch stepped whole or in two shards: in two threads (two backward calls a step
+    in this process) or here and in a worker process (one here)."""
+    common = dict(TINY, text=str(text_file), dropout=0.1, steps=20, data_parallel=shards,
+                  data_parallel_workers=workers)
     whole = train(out=str(tmp_path / "whole"), **common)
 
     calls = {"n": 0}
     backward = GPT.backward
+    per_step = shards if workers == "threads" else 1
 
     def backward_then_interrupt(self):
         calls["n"] += 1
-        if calls["n"] == shards * 12 + 1:
+        if calls["n"] == per_step * 12 + 1:
             raise KeyboardInterrupt
         return backward(self)
 
@@ -93,6 +96,17 @@ def test_interrupted_run_resumes_exactly(tmp_path, text_file, monkeypatch, shard
     rest = train(resume=str(tmp_path / "cut"), verbose=False, progress=False)
     assert rest.losses == whole.losses[12:]
     a, b = _params(whole.model), _params(rest.model)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_worker_processes_and_threads_train_to_the_same_bits(tmp_path, text_file):
+    """data_parallel_workers changes who computes each shard, not what: the same losses at
+    every step, the same validation loss and the same weights, with dropout on."""
+    common = dict(TINY, text=str(text_file), dropout=0.1, steps=12, data_parallel=3)
+    runs = {w: train(data_parallel_workers=w, **common) for w in ("threads", "processes")}
+    assert runs["threads"].losses == runs["processes"].losses
+    assert runs["threads"].val_loss == runs["processes"].val_loss
+    a, b = _params(runs["threads"].model), _params(runs["processes"].model)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 

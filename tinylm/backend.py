@@ -129,9 +129,17 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     except (OSError, AttributeError):
         return False  # not glibc (e.g. musl): nothing to tune
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's <malloc.h>
-    return bool(mallopt(M_MMAP_THRESHOLD, limit_bytes)) and bool(
+    applied = bool(mallopt(M_MMAP_THRESHOLD, limit_bytes)) and bool(
         mallopt(M_TRIM_THRESHOLD, 2 * limit_bytes)
     )
+    global _freed_memory_kept
+    _freed_memory_kept = _freed_memory_kept or applied
+    return applied
+
+
+# Whether keep_freed_memory() has applied its setting in this process; tinylm.parallel's worker
+# processes apply it too when it has (a setting of one process is not inherited by a new one).
+_freed_memory_kept = False
 
 
 # The thread-count functions of the OpenBLAS that NumPy's wheels bundle (scipy-openblas, 64-bit

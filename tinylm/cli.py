@@ -184,9 +184,12 @@ def _add_train_parser(sub):
     g = p.add_argument_group("run")
     setting(g, "--seed", "seed of the initialisation, batches, dropout and samples", type=int)
     setting(g, "--device", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"))
-    setting(g, "--data-parallel", "on the CPU, step each batch in N shards at once, one thread "
-            "each: the same gradient up to rounding (dropout draws other masks); 1 steps it "
+    setting(g, "--data-parallel", "on the CPU, step each batch in N shards at once, on as many "
+            "cores: the same gradient up to rounding (dropout draws other masks); 1 steps it "
             "whole", type=int, metavar="N")  # fmt: skip
+    setting(g, "--data-parallel-workers", "what steps the shards: worker processes (faster: "
+            "no waiting for Python's lock) or threads; the same results either way",
+            choices=("processes", "threads"))  # fmt: skip
     g.add_argument("--config", metavar="FILE", help="a JSON file of settings (TrainConfig names)")
     p.set_defaults(func=cmd_train)
 

@@ -21,6 +21,16 @@ time. NumPy releases Python's lock inside its array operations, so the threads d
     parallel = DataParallel(model, shards=2)
     loss, grads = parallel.forward_backward(x, y)    # as model.forward(x, y); model.backward()
 
+Threads or processes. Python's lock is taken back between any two NumPy operations, and a
+small model makes thousands of them per step: with two threads, each keeps waiting for the
+other's. ``DataParallel(model, shards, processes=True)`` steps shard 0 in this process and each
+other shard in a worker process of its own, as DistributedDataParallel runs one process per
+GPU: before each step the parameters are copied into memory that every worker maps (a file in
+/dev/shm), worker i writes (N_i / N) dW_i into memory of its own that this process maps, and
+the sum is taken here. The same arithmetic in the same order, so the same results, bit for
+bit; only the waiting is gone. Starting a worker takes a fraction of a second (it imports
+NumPy and tinylm). `tinylm train` uses worker processes (--data-parallel-workers).
+
 Dropout stays reproducible: each step draws one seed per shard from the model's own dropout
 stream, so a run that is stopped and resumed draws the same masks (other masks than the whole
 batch's, so a run keeps its number of shards to be repeated exactly).
@@ -30,24 +40,33 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
+from tinylm import backend
 from tinylm.backend import blas_threads, blas_threads_now
 
 IGNORE_INDEX = -100  # the targets GPT.forward's cross-entropy leaves out
 
 
 class DataParallel:
-    """``model`` (a GPT on the CPU) stepped over ``shards`` parts of each batch, in threads.
+    """``model`` (a GPT on the CPU) stepped over ``shards`` parts of each batch, at once: in
+    threads, or with ``processes=True`` shard 0 here and the others in worker processes.
 
     forward_backward(x, y) returns (loss, grads) equal to model.forward(x, y) followed by
     model.backward(), up to float rounding (with dropout on, the masks are other draws). The
-    replicas share model.params, so an optimizer step on model.params is seen by all of them.
+    replicas share model.params (worker processes get a copy before each command), so an
+    optimizer step on model.params is seen by all of them. close() stops the workers.
     """
 
-    def __init__(self, model, shards: int = 2):
+    def __init__(self, model, shards: int = 2, processes: bool = False):
         from tinylm.model import GPT
 
         if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1:
@@ -68,7 +87,12 @@ class DataParallel:
         # On one core the shards run one after the other in this thread: the same arithmetic,
         # so the same results, without threads that could only take turns.
         parallel = self.shards > 1 and (cores or 1) > 1
-        self.pool = ThreadPoolExecutor(max_workers=self.shards) if parallel else None
+        self.processes = None  # the worker processes, when processes=True
+        self.pool = None
+        if parallel and processes:
+            self.processes = _WorkerProcesses(model, self.shards - 1, self.blas_threads)
+        elif parallel:
+            self.pool = ThreadPoolExecutor(max_workers=self.shards)
 
     def forward_backward(self, x, y):
         """The loss of idx x (B, T) against targets y (B, T), and its gradients (a dict like
@@ -87,23 +111,34 @@ class DataParallel:
             replica._caches = None  # the activations are not needed after the backward
             return loss, grads
 
-        results = self._run(step, len(row_shards))
-
         counted = [int((y[rows] != IGNORE_INDEX).sum()) for rows in row_shards]  # N_i
         N = sum(counted)
         weights = [n / N if N else 1.0 / len(counted) for n in counted]  # N_i / N
+        if self.processes is not None:
+            # Shards 1, 2, ... in the workers, each writing w_i dW_i; shard 0 here, meanwhile.
+            self.processes.send([("step", x[rows], y[rows], int(seed), bool(self.model.training),
+                                  w) for rows, seed, w in zip(row_shards[1:], seeds[1:],
+                                                              weights[1:], strict=True)])
+            loss_0, grads = self._here(step, 0)
+            results = [(loss_0, grads)] + [(shard_loss, None) for shard_loss in
+                                           self.processes.collect()]
+            others = self.processes.gradients(len(results) - 1)  # [w_i dW_i], i = 1, 2, ...
+        else:
+            results = self._run(step, len(row_shards))
+            others = [{name: g.dtype.type(w) * g for name, g in shard_grads.items()}
+                      for w, (_, shard_grads) in zip(weights[1:], results[1:], strict=True)]
+            grads = results[0][1]
+        for name, g in grads.items():  # dW = sum_i (N_i / N) dW_i, into shard 0's arrays
+            g *= g.dtype.type(weights[0])
+            for other in others:
+                g += other[name]
         loss = sum(w * float(shard_loss) for w, (shard_loss, _) in zip(weights, results,
                                                                         strict=True))
-        grads = results[0][1]
-        for name, g in grads.items():  # dW = sum_i (N_i / N) dW_i, into the first shard's arrays
-            g *= g.dtype.type(weights[0])
-            for w, (_, other) in zip(weights[1:], results[1:], strict=True):
-                g += g.dtype.type(w) * other[name]
         return np.asarray(loss, dtype=self.model.dtype), grads
 
     def loss_sum(self, x, y) -> float:
         """sum over the targets of y (B, T) of -log p(target), dropout off and no caches kept:
-        each shard's logits on its own replica, in threads, summed in float64 (evaluation)."""
+        each shard's logits on its own replica, at once, summed in float64 (evaluation)."""
         from tinylm.evaluation import nll_sum
 
         x, y = np.asarray(x), np.asarray(y)
@@ -113,7 +148,20 @@ class DataParallel:
             rows = row_shards[i]
             return nll_sum(self.replicas[i].logits(x[rows]), y[rows])
 
+        if self.processes is not None:
+            self.processes.send([("loss_sum", x[rows], y[rows]) for rows in row_shards[1:]])
+            return sum([self._here(shard_sum, 0)] + self.processes.collect())
         return sum(self._run(shard_sum, len(row_shards)))
+
+    def _here(self, fn, i):
+        """fn(i) in this thread, with its share of BLAS threads, while the worker processes run
+        theirs; their replies are collected by the caller, or here when fn raises."""
+        try:
+            with blas_threads(self.blas_threads):
+                return fn(i)
+        except BaseException:
+            self.processes.collect(raise_errors=False)  # the workers are left ready to go on
+            raise
 
     def _run(self, fn, n):
         """[fn(0), ..., fn(n - 1)], in the pool's threads with the BLAS threads shared out."""
@@ -129,6 +177,204 @@ class DataParallel:
                 wait(futures)
 
     def close(self):
-        """Stop the threads (they also stop when the object is garbage-collected)."""
+        """Stop the threads or worker processes (they also stop when the object is
+        garbage-collected, and worker processes when this process exits)."""
         if self.pool is not None:
             self.pool.shutdown()
+        if self.processes is not None:
+            self.processes.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes: what DataParallel(..., processes=True) runs each shard in.
+# ---------------------------------------------------------------------------------------------
+
+
+def _shared_memory(path, layout, mode):
+    """The file at path mapped as bytes (np.memmap), large enough for layout (see _layout)."""
+    size = max((off + int(np.prod(shape)) * np.dtype(dt).itemsize for _, shape, dt, off in layout),
+               default=0)
+    size = -(-size // 64) * 64  # whole 64-byte blocks, so that it can be viewed as any dtype
+    return np.memmap(path, dtype=np.uint8, mode=mode, shape=(max(size, 64),))
+
+
+def _views(memory, layout):
+    """name -> the array of that name in memory (bytes), as layout places it."""
+    return {name: memory[off:off + int(np.prod(shape)) * np.dtype(dt).itemsize]
+            .view(dt).reshape(shape) for name, shape, dt, off in layout}
+
+
+def _layout(params):
+    """[(name, shape, dtype string, byte offset)] of a dict of arrays, in its order: how
+    _views places them in one shared memory, each at a 64-byte boundary."""
+    layout, offset = [], 0
+    for name, array in params.items():
+        layout.append((name, tuple(array.shape), array.dtype.str, offset))
+        offset += -(-array.nbytes // 64) * 64  # the next 64-byte boundary
+    return layout
+
+
+def _shared_file(prefix, nbytes):
+    """A new empty file for nbytes of shared memory: in /dev/shm (memory) where it has room for
+    twice that (a container's is often only 64 MB), else in the temp folder (the page cache)."""
+    folder = None
+    if os.path.isdir("/dev/shm"):
+        stat = os.statvfs("/dev/shm")
+        if stat.f_bavail * stat.f_frsize >= 2 * nbytes:
+            folder = "/dev/shm"
+    fd, path = tempfile.mkstemp(prefix=prefix, dir=folder)
+    os.close(fd)
+    return path
+
+
+def _stop_workers(workers, paths):
+    """Ask each worker to stop and wait for it; remove the shared files (at close or exit)."""
+    for proc in workers:
+        try:
+            pickle.dump(("stop",), proc.stdin)
+            proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+    for proc in workers:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class _WorkerProcesses:
+    """Worker processes for shards 1, 2, ..., each with a replica of ``model`` on shared
+    parameters (shard 0 runs in this process, as rank 0 does in DistributedDataParallel).
+
+    Parameters: one file in shared memory, written here before each command, mapped read-only
+    by the workers. Gradients: one file per worker, written by it, read here. Commands and the
+    (small) batches go through each worker's stdin and stdout, pickled.
+    """
+
+    def __init__(self, model, n_workers, blas_threads_per_worker):
+        self.model = model
+        self.params_layout = _layout(model.params)
+        nbytes = sum(array.nbytes + 64 for array in model.params.values())
+        self.paths = [_shared_file("tinylm-params-", (1 + n_workers) * nbytes)]
+        self.params = _views(_shared_memory(self.paths[0], self.params_layout, "w+"),
+                             self.params_layout)
+        self.grads = []  # worker i's gradients: name -> array
+        self.pending = 0  # workers that were sent a command and have not replied yet
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(blas_threads_per_worker),
+                   OMP_NUM_THREADS=str(blas_threads_per_worker))
+        self.workers = []
+        self._finalizer = weakref.finalize(self, _stop_workers, self.workers, self.paths)
+        for i in range(n_workers):
+            self.paths.append(_shared_file(f"tinylm-grads{i}-", (n_workers - i) * nbytes))
+            self.grads.append(_views(_shared_memory(self.paths[-1], self.params_layout, "w+"),
+                                     self.params_layout))
+            self.workers.append(subprocess.Popen(
+                [sys.executable, "-c", "from tinylm.parallel import _worker_main; _worker_main()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env))
+        init = {"config": model.config.to_dict(), "dtype": np.dtype(model.dtype).str,
+                "layout": self.params_layout, "params_path": self.paths[0],
+                "keep_freed_memory": backend._freed_memory_kept}
+        self.send([("init", dict(init, grads_path=self.paths[1 + i])) for i in range(n_workers)])
+        self.collect()
+
+    def send(self, messages):
+        """The parameters as they are now into the shared memory, then message i to worker i."""
+        for name, array in self.model.params.items():
+            self.params[name][...] = array
+        for proc, message in zip(self.workers[:len(messages)], messages, strict=True):
+            pickle.dump(message, proc.stdin)
+            proc.stdin.flush()
+        self.pending = len(messages)
+
+    def collect(self, raise_errors=True):
+        """The replies of the workers sent to, in order.
+
+        A Ctrl-C here is held until every one has answered, so that the next command meets
+        workers that wait for it; then it is raised. An error in a worker is raised here.
+        """
+        replies, interrupted = [], False
+        for i, proc in enumerate(self.workers[:self.pending]):
+            while True:
+                try:
+                    reply = pickle.load(proc.stdout)
+                    break
+                except KeyboardInterrupt:
+                    interrupted = True
+                except EOFError:
+                    self.pending = 0
+                    raise RuntimeError(f"data-parallel worker {i} stopped (exit code "
+                                       f"{proc.wait()}); its error is printed above") from None
+            replies.append(reply)
+        self.pending = 0
+        if interrupted:
+            raise KeyboardInterrupt
+        for kind, value in replies:
+            if kind == "error" and raise_errors:
+                raise value
+        return [value for _, value in replies]
+
+    def gradients(self, n):
+        """[w_i dW_i] of the first n workers, as their last "step" wrote them."""
+        return self.grads[:n]
+
+    def close(self):
+        self._finalizer()
+
+
+def _worker_main():
+    """A worker process: serve the commands of _WorkerProcesses, one at a time, until "stop"."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    commands, replies = sys.stdin.buffer, os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout = sys.stderr  # a stray print must not land in the replies
+    from tinylm.evaluation import nll_sum
+    from tinylm.model import GPT, GPTConfig
+
+    replica = grads_out = None
+    while True:
+        try:
+            message = pickle.load(commands)
+        except EOFError:
+            return
+        kind, args = message[0], message[1:]
+        if kind == "stop":
+            return
+        try:
+            if kind == "init":
+                (init,) = args
+                if init["keep_freed_memory"]:
+                    backend.keep_freed_memory()
+                layout = init["layout"]
+                params = _views(_shared_memory(init["params_path"], layout, "r"), layout)
+                grads_out = _views(_shared_memory(init["grads_path"], layout, "r+"), layout)
+                replica = GPT(GPTConfig(**init["config"]), dtype=np.dtype(init["dtype"]),
+                              params=params)
+                value = None
+            elif kind == "step":
+                x, y, seed, training, weight = args
+                replica.training = training
+                replica.dropout_rng = np.random.default_rng(seed)
+                _, loss = replica.forward(x, y)
+                grads = replica.backward()
+                replica._caches = None
+                for name, g in grads.items():  # w_i dW_i
+                    np.multiply(g, g.dtype.type(weight), out=grads_out[name])
+                value = float(loss)
+            elif kind == "loss_sum":
+                x, y = args
+                value = nll_sum(replica.logits(x), y)
+            else:
+                raise ValueError(f"unknown command {kind!r}")
+            reply = ("ok", value)
+        except Exception as error:  # sent to the parent, which raises it
+            reply = ("error", error)
+        try:
+            pickle.dump(reply, replies)
+        except Exception as error:  # an error that cannot be pickled: its text
+            pickle.dump(("error", RuntimeError(f"{type(error).__name__}: {error}")), replies)
+        replies.flush()
+

@@ -153,7 +153,8 @@ class TrainConfig:
     # the run
     seed: int = 1337  # model initialisation, batches, dropout masks, samples
     device: str = "cpu"  # "cpu" (NumPy) or "gpu" (CuPy)
-    data_parallel: int = 2  # CPU: each batch in this many shards, one thread each; 1: whole
+    data_parallel: int = 2  # CPU: each batch in this many shards, stepped at once; 1: whole
+    data_parallel_workers: str = "processes"  # the shards' workers: "processes" or "threads"
     init_from: str | None = None  # a GPT-2 directory or a run directory to fine-tune from
     out: str | None = None  # the run directory; None writes nothing
     resume: str | None = None  # a run directory to continue from its checkpoint
@@ -167,6 +168,8 @@ class TrainConfig:
         check_choice_setting("positions", self.positions, ("learned", "sinusoidal"))
         check_choice_setting("dtype", self.dtype, ("float32", "float64"))
         check_choice_setting("device", self.device, ("cpu", "gpu"))
+        check_choice_setting("data_parallel_workers", self.data_parallel_workers,
+                             ("processes", "threads"))
         for name in (
             "n_layer",
             "n_head",
@@ -865,11 +868,13 @@ class _Loop:
         self.metrics = {}  # of the last evaluation
         self.interval_time = self.train_seconds = self.eval_seconds = 0.0
         self.guard = _DeferInterrupts()
-        # A GPT on the CPU steps its batch in shards, one thread each (tinylm/parallel.py).
+        # A GPT on the CPU steps its batch in shards, at once (tinylm/parallel.py): shard 0 in
+        # this process, the others in worker processes (or threads, data_parallel_workers).
         shards = getattr(cfg, "data_parallel", 1)
         self.parallel = None
         if shards > 1 and isinstance(task, LanguageModelTask) and model.device == "cpu":
-            self.parallel = DataParallel(model, shards)
+            processes = getattr(cfg, "data_parallel_workers", "threads") == "processes"
+            self.parallel = DataParallel(model, shards, processes=processes)
             task.parallel = self.parallel  # the evaluations use its threads too
         self.staged = False  # writing the staged names (see staged_name)
         self.history_before = self._prepare_files(ckpt, state)
