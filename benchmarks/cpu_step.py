@@ -1,14 +1,17 @@
 """How fast is one training step (forward + backward) of tinylm's GPT on the CPU, against PyTorch?
 
-For each model size this times the same step four ways, each in a process of its own:
+For each model size this times the same step five ways, each in a process of its own:
 
     tinylm           GPT.forward + GPT.backward after backend.keep_freed_memory(), as
                      `tinylm train` runs it
     tinylm plain     the same in a process that did nothing but `import tinylm`: the step a
                      student types in a notebook (glibc's malloc left as it is)
     tinylm dp        tinylm.parallel.DataParallel(model, 2).forward_backward: the batch in two
-                     shards, one thread each (what `tinylm train` does by default,
-                     --data-parallel 2), after keep_freed_memory() as in `tinylm train`
+                     shards, one thread each (`tinylm train --data-parallel-workers threads`),
+                     after keep_freed_memory() as in `tinylm train`
+    tinylm dp proc   DataParallel(model, 2, processes=True): shard 0 in the worker's process,
+                     shard 1 in a worker process of its own (what `tinylm train` does by
+                     default), after keep_freed_memory()
     torch            nanoGPT's model in PyTorch eager (nn.Linear, nn.LayerNorm, GELU tanh,
                      F.scaled_dot_product_attention, causal; the output layer tied to wte),
                      the same weights and batch, loss.backward(); skipped, with a line saying
@@ -58,7 +61,7 @@ SIZES = {
     "6x6x384 block 256 batch 8": (6, 6, 384, 256, 8),
 }
 VOCAB = 65  # a character-level vocabulary, as in the default training run
-KINDS = ("tinylm", "tinylm_plain", "tinylm_dp", "torch")
+KINDS = ("tinylm", "tinylm_plain", "tinylm_dp", "tinylm_dp_proc", "torch")
 TURN_SECONDS = 0.3  # a worker's turn runs about this long (whole steps, at least one)
 PAUSE_SECONDS = 0.3  # between turns: OpenBLAS's idle threads spin for ~0.1 s before sleeping
 PROFILE_SECONDS = 4.0  # torch.profiler's table covers about this many seconds of steps
@@ -293,7 +296,7 @@ def worker(kind, size, threads):
     "loss": reply the loss of the batch (the same weights give the same loss in every worker).
     """
     L, H, C, T, B = size
-    if kind in ("tinylm", "tinylm_dp"):
+    if kind in ("tinylm", "tinylm_dp", "tinylm_dp_proc"):
         from tinylm.backend import keep_freed_memory
 
         keep_freed_memory()
@@ -311,10 +314,13 @@ def worker(kind, size, threads):
             loss = tmodel(t_idx, t_targets)
             loss.backward()
             return loss.item()
-    elif kind == "tinylm_dp":
+    elif kind in ("tinylm_dp", "tinylm_dp_proc"):
         from tinylm.parallel import DataParallel
 
-        parallel = DataParallel(model, 2)
+        if kind == "tinylm_dp_proc":
+            parallel = DataParallel(model, 2, processes=True)
+        else:
+            parallel = DataParallel(model, 2)
 
         def step():
             loss, _ = parallel.forward_backward(idx, targets)
@@ -342,7 +348,7 @@ def worker(kind, size, threads):
         elif command == "profile":
             if kind == "torch":
                 reply = {"ops": torch_profile(tmodel, t_idx, t_targets, int(arg))}
-            elif kind == "tinylm_dp":
+            elif kind in ("tinylm_dp", "tinylm_dp_proc"):
                 reply = {}  # threads: the per-layer profile is taken of the one-thread kinds
             else:
                 reply = profile_steps(model, idx, targets, int(arg))
@@ -441,6 +447,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="BLAS / torch threads (default: the core count)")
     parser.add_argument("--no-torch", action="store_true", help="leave out the torch column")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="which ways to time, comma-separated (default: all of them; "
+                             "tinylm and tinylm_plain are always timed)")
     parser.add_argument("--json", default="benchmarks/results/cpu_step.json", help="output file")
     parser.add_argument("--note", default="", help="how loaded the machine was, for the record")
     parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)  # internal
@@ -475,9 +484,16 @@ def main(argv=None):
     if args.worker:
         worker(args.worker, next(iter(args.sizes.values())), args.threads)
         return
-    kinds = list(KINDS)
+    asked = set(args.kinds.split(",")) | {"tinylm", "tinylm_plain"}
+    unknown = asked - set(KINDS)
+    if unknown:
+        raise SystemExit(f"--kinds: unknown {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(KINDS)}")
+    kinds = [kind for kind in KINDS if kind in asked]
     torch_version = None
-    if args.no_torch:
+    if "torch" not in kinds:
+        pass
+    elif args.no_torch:
         kinds.remove("torch")
         print("torch column left out (--no-torch)")
     elif not torch_available():
@@ -509,9 +525,8 @@ def main(argv=None):
         results.append(row)
         line = f"{name}: " + ", ".join(f"{k} {row[f'{k}_ms_per_step']:.1f} ms" for k in kinds)
         if "torch" in kinds:
-            line += (f"; tinylm/torch {row['ratio_tinylm_over_torch']:.2f}, "
-                     f"plain/torch {row['ratio_tinylm_plain_over_torch']:.2f}, "
-                     f"dp/torch {row['ratio_tinylm_dp_over_torch']:.2f}")
+            line += "; " + ", ".join(f"{kind}/torch {row[f'ratio_{kind}_over_torch']:.2f}"
+                                     for kind in kinds if kind != "torch")
         line += f"; plain/tinylm {row['ratio_plain_over_tinylm']:.2f}"
         print(line)
         print("  minor page faults per step: " + ", ".join(
@@ -528,8 +543,8 @@ def main(argv=None):
 
     report = {
         "benchmark": "cpu_step (forward + backward, float32, median), tinylm with and without "
-                     "keep_freed_memory and data-parallel over 2 threads vs torch eager, "
-                     "separate processes taking turns",
+                     "keep_freed_memory and data-parallel over 2 threads or 2 processes vs "
+                     "torch eager, separate processes taking turns",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "threads": args.threads,
