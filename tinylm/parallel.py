@@ -281,6 +281,14 @@ class _WorkerProcesses:
                 "keep_freed_memory": backend._freed_memory_kept}
         self.send([("init", dict(init, grads_path=self.paths[1 + i])) for i in range(n_workers)])
         self.collect()
+        # Every worker has mapped the files: their names can go now (the memory stays until the
+        # last process unmaps it), so nothing is left behind even if this process is killed.
+        for path in list(self.paths):
+            try:
+                os.unlink(path)
+                self.paths.remove(path)
+            except OSError:  # where an open file cannot be removed: at close() instead
+                pass
 
     def send(self, messages):
         """The parameters as they are now into the shared memory, then message i to worker i."""
@@ -307,14 +315,16 @@ class _WorkerProcesses:
                     interrupted = True
                 except EOFError:
                     self.pending = 0
-                    raise RuntimeError(f"data-parallel worker {i} stopped (exit code "
-                                       f"{proc.wait()}); its error is printed above") from None
+                    raise RuntimeError(f"data-parallel worker {i + 1} stopped (exit code "
+                                       f"{proc.wait()}); what it printed went to standard "
+                                       "error") from None
             replies.append(reply)
         self.pending = 0
         if interrupted:
             raise KeyboardInterrupt
-        for kind, value in replies:
+        for i, (kind, value) in enumerate(replies):
             if kind == "error" and raise_errors:
+                value.add_note(f"(raised in data-parallel worker {i + 1}, on shard {i + 1})")
                 raise value
         return [value for _, value in replies]
 
