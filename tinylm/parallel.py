@@ -116,13 +116,14 @@ class DataParallel:
         weights = [n / N if N else 1.0 / len(counted) for n in counted]  # N_i / N
         if self.processes is not None:
             # Shards 1, 2, ... in the workers, each writing w_i dW_i; shard 0 here, meanwhile.
-            self.processes.send([("step", x[rows], y[rows], int(seed), bool(self.model.training),
-                                  w) for rows, seed, w in zip(row_shards[1:], seeds[1:],
-                                                              weights[1:], strict=True)])
+            training = bool(self.model.training)
+            self.processes.send([("step", x[rows], y[rows], int(seed), training, w)
+                                 for rows, seed, w in zip(row_shards[1:], seeds[1:], weights[1:],
+                                                          strict=True)])
             loss_0, grads = self._here(step, 0)
-            results = [(loss_0, grads)] + [(shard_loss, None) for shard_loss in
-                                           self.processes.collect()]
-            others = self.processes.gradients(len(results) - 1)  # [w_i dW_i], i = 1, 2, ...
+            worker_losses = self.processes.collect()
+            results = [(loss_0, grads)] + [(shard_loss, None) for shard_loss in worker_losses]
+            others = self.processes.gradients(len(worker_losses))  # [w_i dW_i], i = 1, 2, ...
         else:
             results = self._run(step, len(row_shards))
             others = [{name: g.dtype.type(w) * g for name, g in shard_grads.items()}
