@@ -377,6 +377,23 @@ def test_gelu_in_many_row_blocks_equals_the_formula(layout):
     np.testing.assert_allclose(dx, dout * gelu_tanh_derivative(x), rtol=1e-12, atol=1e-14)
 
 
+def test_gelu_backward_takes_a_dout_that_broadcasts():
+    x = randn(np.random.default_rng(17), 3, 4, 5)
+    _, cache = layers.gelu_forward(x)
+    expected = gelu_tanh_derivative(x)
+    np.testing.assert_allclose(layers.gelu_backward(1.0, cache), expected, rtol=1e-12)
+    np.testing.assert_allclose(layers.gelu_backward(np.ones((1, 5)), cache), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [None, (1, 2), 0, -1])
+def test_softmax_over_any_axes_sums_to_one(axis):
+    """The row max is found by argmax on an int axis (faster); any other axis works as well."""
+    x = randn(np.random.default_rng(18), 3, 4, 5) * 10
+    p, _ = layers.softmax_forward(x, axis=axis)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    np.testing.assert_allclose(p, e / e.sum(axis=axis, keepdims=True), rtol=1e-13)
+
+
 def away_from_zero(x, margin=1e-3):
     return np.where(np.abs(x) < margin, np.sign(x + 1e-300) * margin * 2, x)
 

@@ -1,5 +1,8 @@
-"""tinylm.parallel.DataParallel: the batch's shards stepped in threads give the whole batch's
-loss and gradients (float64, to rounding), share the model's arrays, and stay reproducible."""
+"""tinylm.parallel.DataParallel: the batch's shards stepped in threads (or in worker processes,
+bit for bit the same) give the whole batch's loss and gradients (float64, to rounding), share
+the model's arrays, and stay reproducible."""
+
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ from tinylm.model import GPT, GPTConfig
 from tinylm.parallel import DataParallel
 
 V = 11
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+TWO_CORES = pytest.mark.skipif((CORES or 1) < 2, reason="worker processes start on 2 cores or more")
 
 
 def tiny_model(dropout=0.0):
@@ -105,6 +110,7 @@ def _same_dropout_start(model, f):
     return out
 
 
+@TWO_CORES
 @pytest.mark.parametrize("shards", [2, 3])
 def test_worker_processes_give_the_threads_results_bit_for_bit(shards):
     """Shard 0 here, the others in worker processes on shared memory: the same arithmetic as

@@ -1,4 +1,4 @@
-"""Data parallelism on one machine: the shards of a batch step at once, one Python thread each.
+"""Data parallelism on one machine: the shards of a batch step at once, in threads or processes.
 
 This is the idea behind every multi-GPU trainer (PyTorch's DistributedDataParallel, the
 data-parallel part of llm.c), at the size of a laptop. The training loss is a mean over the
@@ -9,9 +9,9 @@ counted in shard i and L_i the mean loss of that shard alone,
     dL/dW   = sum_i (N_i / N) dL_i/dW           for every parameter W
 
 Each shard runs the ordinary forward and backward of a replica of the model that shares the
-model's parameter arrays (nothing is copied), and the gradients are combined by that weighted
-sum, which is what an all-reduce does across GPUs. The result is the whole batch's gradient, up
-to the order of float additions.
+model's parameter arrays (in threads nothing is copied), and the gradients are combined by
+that weighted sum, which is what an all-reduce does across GPUs. The result is the whole
+batch's gradient, up to the order of float additions.
 
 Why it is faster on a CPU: NumPy's element-wise operations (GELU, layer norm, softmax) run on
 one core, and a matrix product of a small model is too small to keep two cores busy. Two
@@ -29,7 +29,9 @@ GPU: before each step the parameters are copied into memory that every worker ma
 /dev/shm), worker i writes (N_i / N) dW_i into memory of its own that this process maps, and
 the sum is taken here. The same arithmetic in the same order, so the same results, bit for
 bit; only the waiting is gone. Starting a worker takes a fraction of a second (it imports
-NumPy and tinylm). `tinylm train` uses worker processes (--data-parallel-workers).
+NumPy and tinylm). `tinylm train` uses worker processes (--data-parallel-workers). On one core
+neither threads nor workers are started (the shards run one after the other), and on Windows
+processes=True uses threads.
 
 Dropout stays reproducible: each step draws one seed per shard from the model's own dropout
 stream, so a run that is stopped and resumed draws the same masks (other masks than the whole
@@ -38,6 +40,7 @@ batch's, so a run keeps its number of shards to be repeated exactly).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -45,6 +48,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -89,7 +93,7 @@ class DataParallel:
         parallel = self.shards > 1 and (cores or 1) > 1
         self.processes = None  # the worker processes, when processes=True
         self.pool = None
-        if parallel and processes:
+        if parallel and processes and os.name != "nt":
             self.processes = _WorkerProcesses(model, self.shards - 1, self.blas_threads)
         elif parallel:
             self.pool = ThreadPoolExecutor(max_workers=self.shards)
@@ -126,8 +130,10 @@ class DataParallel:
             others = self.processes.gradients(len(worker_losses))  # [w_i dW_i], i = 1, 2, ...
         else:
             results = self._run(step, len(row_shards))
-            others = [{name: g.dtype.type(w) * g for name, g in shard_grads.items()}
-                      for w, (_, shard_grads) in zip(weights[1:], results[1:], strict=True)]
+            others = [shard_grads for _, shard_grads in results[1:]]
+            for w, shard_grads in zip(weights[1:], others, strict=True):
+                for g in shard_grads.values():
+                    g *= g.dtype.type(w)  # w_i dW_i, in the replica's own new arrays
             grads = results[0][1]
         for name, g in grads.items():  # dW = sum_i (N_i / N) dW_i, into shard 0's arrays
             g *= g.dtype.type(weights[0])
@@ -149,7 +155,7 @@ class DataParallel:
             rows = row_shards[i]
             return nll_sum(self.replicas[i].logits(x[rows]), y[rows])
 
-        if self.processes is not None:
+        if self.processes is not None and row_shards:
             self.processes.send([("loss_sum", x[rows], y[rows]) for rows in row_shards[1:]])
             return sum([self._here(shard_sum, 0)] + self.processes.collect())
         return sum(self._run(shard_sum, len(row_shards)))
@@ -161,7 +167,10 @@ class DataParallel:
             with blas_threads(self.blas_threads):
                 return fn(i)
         except BaseException:
-            self.processes.collect(raise_errors=False)  # the workers are left ready to go on
+            try:
+                self.processes.collect(raise_errors=False)  # the workers left ready to go on
+            except BaseException:  # (a worker that stopped too): fn's error is the one to see
+                pass
             raise
 
     def _run(self, fn, n):
@@ -191,12 +200,16 @@ class DataParallel:
 # ---------------------------------------------------------------------------------------------
 
 
-def _shared_memory(path, layout, mode):
-    """The file at path mapped as bytes (np.memmap), large enough for layout (see _layout)."""
+def _memory_size(layout):
+    """Bytes for layout (see _layout), in whole 64-byte blocks so any dtype can view them."""
     size = max((off + int(np.prod(shape)) * np.dtype(dt).itemsize for _, shape, dt, off in layout),
                default=0)
-    size = -(-size // 64) * 64  # whole 64-byte blocks, so that it can be viewed as any dtype
-    return np.memmap(path, dtype=np.uint8, mode=mode, shape=(max(size, 64),))
+    return max(64, -(-size // 64) * 64)
+
+
+def _shared_memory(path, layout, mode):
+    """The file at path mapped as bytes (np.memmap, mode "r" or "r+"), sized for layout."""
+    return np.memmap(path, dtype=np.uint8, mode=mode, shape=(_memory_size(layout),))
 
 
 def _views(memory, layout):
@@ -215,15 +228,28 @@ def _layout(params):
     return layout
 
 
-def _shared_file(prefix, nbytes):
-    """A new empty file for nbytes of shared memory: in /dev/shm (memory) where it has room for
-    twice that (a container's is often only 64 MB), else in the temp folder (the page cache)."""
+def _shared_file(prefix, nbytes, room_for):
+    """A new file of nbytes for shared memory: in /dev/shm (memory) where it has room for
+    room_for bytes (a container's is often only 64 MB), else in the temp folder (page cache).
+
+    The bytes are reserved now (posix_fallocate), so a full disk is an error here and not a
+    crash (SIGBUS) at the first write into a page that has no room.
+    """
     folder = None
     if os.path.isdir("/dev/shm"):
         stat = os.statvfs("/dev/shm")
-        if stat.f_bavail * stat.f_frsize >= 2 * nbytes:
+        if stat.f_bavail * stat.f_frsize >= room_for:
             folder = "/dev/shm"
     fd, path = tempfile.mkstemp(prefix=prefix, dir=folder)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, nbytes)
+        else:
+            os.ftruncate(fd, nbytes)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        raise
     os.close(fd)
     return path
 
@@ -232,7 +258,7 @@ def _stop_workers(workers, paths):
     """Ask each worker to stop and wait for it; remove the shared files (at close or exit)."""
     for proc in workers:
         try:
-            pickle.dump(("stop",), proc.stdin)
+            proc.stdin.write(pickle.dumps(("stop",)))
             proc.stdin.close()
         except (OSError, ValueError):
             pass
@@ -241,11 +267,43 @@ def _stop_workers(workers, paths):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
     for path in paths:
         try:
             os.unlink(path)
         except OSError:
             pass
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Inside the block, Ctrl-C (SIGINT) and SIGTERM are noted, not acted on; on the way out the
+    handlers that were in place get them (a Ctrl-C then raises KeyboardInterrupt, after the
+    block). So a command or an answer is never cut in the middle of the pipe. Signal handlers
+    belong to the main thread: elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    before = {s: signal.getsignal(s) for s in signals}
+    received = []
+    for s in signals:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for signum in received:
+            handler = before[signum]
+            if callable(handler):
+                handler(signum, None)  # e.g. KeyboardInterrupt, or the training loop's own
+            elif handler == signal.SIG_DFL:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                signal.raise_signal(signum)  # the default action (SIGTERM ends the process)
 
 
 class _WorkerProcesses:
@@ -254,29 +312,44 @@ class _WorkerProcesses:
 
     Parameters: one file in shared memory, written here before each command, mapped read-only
     by the workers. Gradients: one file per worker, written by it, read here. Commands and the
-    (small) batches go through each worker's stdin and stdout, pickled.
+    (small) batches go through each worker's stdin and stdout, pickled; every command sent is
+    answered, and ``pending`` counts the answers still to read, so that a command interrupted
+    on this side (Ctrl-C) never leaves an old answer to be taken for a new one. A worker that
+    stops, or a pipe left in an unknown state, stops them all: later calls raise.
     """
 
     def __init__(self, model, n_workers, blas_threads_per_worker):
+        import tinylm
+
         self.model = model
         self.params_layout = _layout(model.params)
-        nbytes = sum(array.nbytes + 64 for array in model.params.values())
-        self.paths = [_shared_file("tinylm-params-", (1 + n_workers) * nbytes)]
-        self.params = _views(_shared_memory(self.paths[0], self.params_layout, "w+"),
+        nbytes = _memory_size(self.params_layout)
+        self.paths = [_shared_file("tinylm-params-", nbytes, (1 + n_workers) * nbytes)]
+        self.params = _views(_shared_memory(self.paths[0], self.params_layout, "r+"),
                              self.params_layout)
         self.grads = []  # worker i's gradients: name -> array
-        self.pending = 0  # workers that were sent a command and have not replied yet
-        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(blas_threads_per_worker),
-                   OMP_NUM_THREADS=str(blas_threads_per_worker))
+        self.pending = 0  # workers sent a command whose answer has not been read yet
+        self.broken = None  # why the workers were stopped, once they were
+        threads = str(blas_threads_per_worker)
+        # the workers import this very tinylm (a notebook may have found it through sys.path)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(tinylm.__file__)))
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads,
+                   MKL_NUM_THREADS=threads, VECLIB_MAXIMUM_THREADS=threads,
+                   PYTHONPATH=os.pathsep.join(
+                       [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         self.workers = []
         self._finalizer = weakref.finalize(self, _stop_workers, self.workers, self.paths)
         for i in range(n_workers):
-            self.paths.append(_shared_file(f"tinylm-grads{i}-", (n_workers - i) * nbytes))
-            self.grads.append(_views(_shared_memory(self.paths[-1], self.params_layout, "w+"),
+            self.paths.append(_shared_file(f"tinylm-grads{i}-", nbytes,
+                                           (n_workers - i) * nbytes))
+            self.grads.append(_views(_shared_memory(self.paths[-1], self.params_layout, "r+"),
                                      self.params_layout))
+            # A session of its own: a Ctrl-C or a SIGTERM to the terminal's process group is
+            # this process's to handle (it saves a checkpoint); a worker stops when its stdin
+            # closes, which it does when this process ends, however it ends.
             self.workers.append(subprocess.Popen(
                 [sys.executable, "-c", "from tinylm.parallel import _worker_main; _worker_main()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env))
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True))
         init = {"config": model.config.to_dict(), "dtype": np.dtype(model.dtype).str,
                 "layout": self.params_layout, "params_path": self.paths[0],
                 "keep_freed_memory": backend._freed_memory_kept}
@@ -292,46 +365,70 @@ class _WorkerProcesses:
                 pass
 
     def send(self, messages):
-        """The parameters as they are now into the shared memory, then message i to worker i."""
+        """The parameters as they are now into the shared memory, then message i to worker i.
+
+        Answers still pending from an interrupted call are read (and dropped) first.
+        """
+        self._check_usable()
+        if self.pending:
+            self.collect(raise_errors=False)
+        if not messages:
+            return
         for name, array in self.model.params.items():
             self.params[name][...] = array
-        for proc, message in zip(self.workers[:len(messages)], messages, strict=True):
-            pickle.dump(message, proc.stdin)
-            proc.stdin.flush()
-        self.pending = len(messages)
+        payloads = [pickle.dumps(message) for message in messages]
+        with _stop_signals_held():
+            for i, (proc, payload) in enumerate(zip(self.workers, payloads, strict=False)):
+                try:
+                    proc.stdin.write(payload)
+                    proc.stdin.flush()
+                except (OSError, ValueError) as error:  # the worker has stopped
+                    self._stop(f"sending to data-parallel worker {i + 1} failed ({error!r})")
+                    raise RuntimeError(self.broken) from error
+                self.pending += 1
 
     def collect(self, raise_errors=True):
-        """The replies of the workers sent to, in order.
+        """The answers of the workers that were sent a command, in order.
 
-        A Ctrl-C here is held until every one has answered, so that the next command meets
+        A Ctrl-C here waits until every one has answered, so that the next command meets
         workers that wait for it; then it is raised. An error in a worker is raised here.
         """
-        replies, interrupted = [], False
-        for i, proc in enumerate(self.workers[:self.pending]):
-            while True:
+        self._check_usable()
+        replies = []
+        with _stop_signals_held():
+            for i, proc in enumerate(self.workers[:self.pending]):
                 try:
-                    reply = pickle.load(proc.stdout)
-                    break
-                except KeyboardInterrupt:
-                    interrupted = True
-                except EOFError:
-                    self.pending = 0
-                    raise RuntimeError(f"data-parallel worker {i + 1} stopped (exit code "
-                                       f"{proc.wait()}); what it printed went to standard "
-                                       "error") from None
-            replies.append(reply)
-        self.pending = 0
-        if interrupted:
-            raise KeyboardInterrupt
+                    replies.append(pickle.load(proc.stdout))
+                except Exception as error:  # EOF: the worker stopped; or an unreadable answer
+                    code = proc.poll()
+                    self._stop(f"data-parallel worker {i + 1} stopped (exit code {code}; what "
+                               f"it printed went to standard error)" if code is not None else
+                               f"data-parallel worker {i + 1} sent an unreadable answer "
+                               f"({error!r})")
+                    raise RuntimeError(self.broken) from error
+            self.pending = 0
         for i, (kind, value) in enumerate(replies):
             if kind == "error" and raise_errors:
-                value.add_note(f"(raised in data-parallel worker {i + 1}, on shard {i + 1})")
+                if hasattr(value, "add_note"):  # Python 3.11+
+                    value.add_note(f"(raised in data-parallel worker {i + 1}, on shard {i + 1})")
                 raise value
         return [value for _, value in replies]
 
     def gradients(self, n):
         """[w_i dW_i] of the first n workers, as their last "step" wrote them."""
         return self.grads[:n]
+
+    def _check_usable(self):
+        if self.broken is not None:
+            raise RuntimeError(f"the data-parallel worker processes were stopped: {self.broken}; "
+                               "make a new DataParallel")
+
+    def _stop(self, why):
+        """Stop every worker (their pipes are in an unknown state) and remember why."""
+        self.broken, self.pending = why, 0
+        for proc in self.workers:
+            proc.kill()
+        self._finalizer()
 
     def close(self):
         self._finalizer()
@@ -384,8 +481,11 @@ def _worker_main():
         except Exception as error:  # sent to the parent, which raises it
             reply = ("error", error)
         try:
-            pickle.dump(reply, replies)
-        except Exception as error:  # an error that cannot be pickled: its text
-            pickle.dump(("error", RuntimeError(f"{type(error).__name__}: {error}")), replies)
+            payload = pickle.dumps(reply)
+            pickle.loads(payload)  # an error the parent could not rebuild is sent as its text
+        except Exception:
+            text = f"{type(reply[1]).__name__}: {reply[1]}"
+            payload = pickle.dumps(("error", RuntimeError(text)))
+        replies.write(payload)
         replies.flush()
 

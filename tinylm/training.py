@@ -489,11 +489,11 @@ def evaluate(model: GPT, data, block_size: int, batch_size: int = 64, parallel=N
     data.eval_windows tiles the N - 1 targets exactly once; the per-token losses of every batch
     are summed in float64 and divided by their count, so the result is the exact token mean (it
     does not depend on batch_size up to float rounding). With ``parallel`` (a DataParallel of
-    the model) each batch's shards are scored in threads.
+    the model) each batch's shards are scored at once, in its threads or worker processes.
     """
     total, n = 0.0, 0
     for x, y in data_io.eval_windows(data, block_size, batch_size):
-        if parallel is not None:  # the batch's shards in threads
+        if parallel is not None:  # the batch's shards at once
             total += parallel.loss_sum(x, y)
         else:  # model.logits: dropout off and no caches kept for a backward that never comes
             total += nll_sum(model.logits(x), model.xp.asarray(y))  # summed over the targets
@@ -873,9 +873,9 @@ class _Loop:
         shards = getattr(cfg, "data_parallel", 1)
         self.parallel = None
         if shards > 1 and isinstance(task, LanguageModelTask) and model.device == "cpu":
-            processes = getattr(cfg, "data_parallel_workers", "threads") == "processes"
+            processes = getattr(cfg, "data_parallel_workers", "processes") == "processes"
             self.parallel = DataParallel(model, shards, processes=processes)
-            task.parallel = self.parallel  # the evaluations use its threads too
+            task.parallel = self.parallel  # the evaluations use its workers too
         self.staged = False  # writing the staged names (see staged_name)
         self.history_before = self._prepare_files(ckpt, state)
 
