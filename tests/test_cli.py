@@ -2,7 +2,6 @@
 `tinylm: error: ...`, a non-zero status, no traceback, and nothing overwritten."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 from tinylm import cli
 from tinylm.checkpoint import load_checkpoint
 from tinylm.model import GPT
+from tinylm.parallel import workers_can_start
 
 TINY = [
     "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
@@ -210,9 +210,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(capsys, monkeypatch, tmp_path, 
     backward = GPT.backward
     # backward calls in this process per step, two shards a step (--data-parallel 2): both in
     # threads here, or shard 0 here and shard 1 in a worker process (which the patch misses)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers_start = (cores or 1) >= 2 and os.name != "nt"  # else the shards run here, in turn
-    per_step = 1 if workers == "processes" and workers_start else 2
+    per_step = 1 if workers == "processes" and workers_can_start() else 2
 
     def backward_then_interrupt(self):
         calls["n"] += 1

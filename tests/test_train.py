@@ -2,7 +2,6 @@
 validation loss is the exact mean over the whole split. Tiny models, a few dozen steps."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from tinylm import data as data_io
 from tinylm.checkpoint import load_checkpoint
 from tinylm.model import GPT, GPTConfig
+from tinylm.parallel import workers_can_start
 from tinylm.training import TrainConfig, TrainingInterrupted, evaluate, train
 
 TINY = dict(
@@ -79,7 +79,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, text_file, monkeypatch, shard
 
     calls = {"n": 0}
     backward = GPT.backward
-    per_step = 1 if workers == "processes" and _workers_start() else shards
+    per_step = 1 if workers == "processes" and workers_can_start() else shards
 
     def backward_then_interrupt(self):
         calls["n"] += 1
@@ -100,13 +100,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, text_file, monkeypatch, shard
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def _workers_start():
-    """Whether DataParallel starts threads or worker processes here (2 cores or more)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (cores or 1) >= 2 and os.name != "nt"
-
-
-@pytest.mark.skipif(not _workers_start(), reason="worker processes start on 2 cores or more")
+@pytest.mark.skipif(not workers_can_start(), reason="worker processes start on 2 cores or more")
 def test_worker_processes_and_threads_train_to_the_same_bits(tmp_path, text_file):
     """data_parallel_workers changes who computes each shard, not what: the same losses at
     every step, the same validation loss and the same weights, with dropout on."""

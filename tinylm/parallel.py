@@ -60,6 +60,19 @@ from tinylm.backend import blas_threads, blas_threads_now
 IGNORE_INDEX = -100  # the targets GPT.forward's cross-entropy leaves out
 
 
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def workers_can_start() -> bool:
+    """Whether DataParallel(..., processes=True) starts worker processes here: with two cores or
+    more, and not on Windows (there it uses threads)."""
+    return _cores() > 1 and os.name != "nt"
+
+
 class DataParallel:
     """``model`` (a GPT on the CPU) stepped over ``shards`` parts of each batch, at once: in
     threads, or with ``processes=True`` shard 0 here and the others in worker processes.
@@ -85,16 +98,15 @@ class DataParallel:
         self.replicas = [copy.copy(model) for _ in range(self.shards)]
         for replica in self.replicas:
             replica._caches = None
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         # BLAS threads per shard: the threads NumPy's BLAS has now, shared out, at least one.
-        self.blas_threads = max(1, (blas_threads_now() or cores or 1) // self.shards)
+        self.blas_threads = max(1, (blas_threads_now() or _cores()) // self.shards)
         # On one core the shards run one after the other in this thread: the same arithmetic,
-        # so the same results, without threads that could only take turns.
-        parallel = self.shards > 1 and (cores or 1) > 1
-        self.processes = None  # the worker processes, when processes=True
-        self.pool = None
-        if parallel and processes and os.name != "nt":
-            self.processes = _WorkerProcesses(model, self.shards - 1, self.blas_threads)
+        # so the same results, without threads or processes that could only take turns.
+        parallel = self.shards > 1 and _cores() > 1
+        self.workers = None  # the worker processes (shards 1, 2, ...), when processes=True
+        self.pool = None  # the threads, otherwise
+        if parallel and processes and workers_can_start():
+            self.workers = _WorkerProcesses(model, self.shards - 1, self.blas_threads)
         elif parallel:
             self.pool = ThreadPoolExecutor(max_workers=self.shards)
 
@@ -118,16 +130,16 @@ class DataParallel:
         counted = [int((y[rows] != IGNORE_INDEX).sum()) for rows in row_shards]  # N_i
         N = sum(counted)
         weights = [n / N if N else 1.0 / len(counted) for n in counted]  # N_i / N
-        if self.processes is not None:
+        if self.workers is not None:
             # Shards 1, 2, ... in the workers, each writing w_i dW_i; shard 0 here, meanwhile.
             training = bool(self.model.training)
-            self.processes.send([("step", x[rows], y[rows], int(seed), training, w)
+            self.workers.send([("step", x[rows], y[rows], int(seed), training, w)
                                  for rows, seed, w in zip(row_shards[1:], seeds[1:], weights[1:],
                                                           strict=True)])
             loss_0, grads = self._here(step, 0)
-            worker_losses = self.processes.collect()
+            worker_losses = self.workers.collect()
             results = [(loss_0, grads)] + [(shard_loss, None) for shard_loss in worker_losses]
-            others = self.processes.gradients(len(worker_losses))  # [w_i dW_i], i = 1, 2, ...
+            others = self.workers.gradients(len(worker_losses))  # [w_i dW_i], i = 1, 2, ...
         else:
             results = self._run(step, len(row_shards))
             others = [shard_grads for _, shard_grads in results[1:]]
@@ -155,9 +167,9 @@ class DataParallel:
             rows = row_shards[i]
             return nll_sum(self.replicas[i].logits(x[rows]), y[rows])
 
-        if self.processes is not None and row_shards:
-            self.processes.send([("loss_sum", x[rows], y[rows]) for rows in row_shards[1:]])
-            return sum([self._here(shard_sum, 0)] + self.processes.collect())
+        if self.workers is not None and row_shards:
+            self.workers.send([("loss_sum", x[rows], y[rows]) for rows in row_shards[1:]])
+            return sum([self._here(shard_sum, 0)] + self.workers.collect())
         return sum(self._run(shard_sum, len(row_shards)))
 
     def _here(self, fn, i):
@@ -168,7 +180,7 @@ class DataParallel:
                 return fn(i)
         except BaseException:
             try:
-                self.processes.collect(raise_errors=False)  # the workers left ready to go on
+                self.workers.collect(raise_errors=False)  # the workers left ready to go on
             except BaseException:  # (a worker that stopped too): fn's error is the one to see
                 pass
             raise
@@ -191,8 +203,8 @@ class DataParallel:
         garbage-collected, and worker processes when this process exits)."""
         if self.pool is not None:
             self.pool.shutdown()
-        if self.processes is not None:
-            self.processes.close()
+        if self.workers is not None:
+            self.workers.close()
 
 
 # ---------------------------------------------------------------------------------------------
