@@ -120,7 +120,7 @@ def test_worker_processes_give_the_threads_results_bit_for_bit(shards):
     y_ignored[1, :5] = -100
     threads, processes = DataParallel(model, shards), DataParallel(model, shards, processes=True)
     try:
-        assert processes.workers is not None and len(processes.workers.workers) == shards - 1
+        assert processes.workers is not None and len(processes.workers.procs) == shards - 1
         # the shared files' names are gone once the workers mapped them: nothing to leak
         assert processes.workers.paths == []
         for _ in range(2):  # the second step sees parameters changed in place between steps
@@ -139,7 +139,7 @@ def test_worker_processes_give_the_threads_results_bit_for_bit(shards):
         assert all(np.array_equal(kept[k], grads_p[k]) for k in kept)
     finally:
         threads.close()
-        workers = list(processes.workers.workers)
+        workers = list(processes.workers.procs)
         processes.close()
     assert all(w.poll() is not None for w in workers)  # stopped
 

@@ -60,6 +60,17 @@ from tinylm.backend import blas_threads, blas_threads_now
 IGNORE_INDEX = -100  # the targets GPT.forward's cross-entropy leaves out
 
 
+def _shard_step(replica, x, y, seed, training):
+    """(loss, grads) of one shard on its replica: forward and backward, with dropout masks from
+    the shard's own seed. The same function in a thread and in a worker process."""
+    replica.training = training
+    replica.dropout_rng = np.random.default_rng(seed)
+    _, loss = replica.forward(x, y)
+    grads = replica.backward()
+    replica._caches = None  # the activations are not needed after the backward
+    return loss, grads
+
+
 def _cores() -> int:
     """The CPU cores this process may run on."""
     if hasattr(os, "sched_getaffinity"):
@@ -119,13 +130,8 @@ class DataParallel:
         seeds = self.model.dropout_rng.integers(0, 2**63, size=len(row_shards))  # one per shard
 
         def step(i):
-            replica, rows = self.replicas[i], row_shards[i]
-            replica.training = self.model.training
-            replica.dropout_rng = np.random.default_rng(seeds[i])
-            _, loss = replica.forward(x[rows], y[rows])
-            grads = replica.backward()
-            replica._caches = None  # the activations are not needed after the backward
-            return loss, grads
+            rows = row_shards[i]
+            return _shard_step(self.replicas[i], x[rows], y[rows], seeds[i], self.model.training)
 
         counted = [int((y[rows] != IGNORE_INDEX).sum()) for rows in row_shards]  # N_i
         N = sum(counted)
@@ -349,8 +355,8 @@ class _WorkerProcesses:
                    MKL_NUM_THREADS=threads, VECLIB_MAXIMUM_THREADS=threads,
                    PYTHONPATH=os.pathsep.join(
                        [package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-        self.workers = []
-        self._finalizer = weakref.finalize(self, _stop_workers, self.workers, self.paths)
+        self.procs = []
+        self._finalizer = weakref.finalize(self, _stop_workers, self.procs, self.paths)
         for i in range(n_workers):
             self.paths.append(_shared_file(f"tinylm-grads{i}-", nbytes,
                                            (n_workers - i) * nbytes))
@@ -359,7 +365,7 @@ class _WorkerProcesses:
             # A session of its own: a Ctrl-C or a SIGTERM to the terminal's process group is
             # this process's to handle (it saves a checkpoint); a worker stops when its stdin
             # closes, which it does when this process ends, however it ends.
-            self.workers.append(subprocess.Popen(
+            self.procs.append(subprocess.Popen(
                 [sys.executable, "-c", "from tinylm.parallel import _worker_main; _worker_main()"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True))
         init = {"config": model.config.to_dict(), "dtype": np.dtype(model.dtype).str,
@@ -390,7 +396,7 @@ class _WorkerProcesses:
             self.params[name][...] = array
         payloads = [pickle.dumps(message) for message in messages]
         with _stop_signals_held():
-            for i, (proc, payload) in enumerate(zip(self.workers, payloads, strict=False)):
+            for i, (proc, payload) in enumerate(zip(self.procs, payloads, strict=False)):
                 try:
                     proc.stdin.write(payload)
                     proc.stdin.flush()
@@ -408,7 +414,7 @@ class _WorkerProcesses:
         self._check_usable()
         replies = []
         with _stop_signals_held():
-            for i, proc in enumerate(self.workers[:self.pending]):
+            for i, proc in enumerate(self.procs[:self.pending]):
                 try:
                     replies.append(pickle.load(proc.stdout))
                 except Exception as error:  # EOF: the worker stopped; or an unreadable answer
@@ -438,7 +444,7 @@ class _WorkerProcesses:
     def _stop(self, why):
         """Stop every worker (their pipes are in an unknown state) and remember why."""
         self.broken, self.pending = why, 0
-        for proc in self.workers:
+        for proc in self.procs:
             proc.kill()
         self._finalizer()
 
@@ -476,11 +482,7 @@ def _worker_main():
                 value = None
             elif kind == "step":
                 x, y, seed, training, weight = args
-                replica.training = training
-                replica.dropout_rng = np.random.default_rng(seed)
-                _, loss = replica.forward(x, y)
-                grads = replica.backward()
-                replica._caches = None
+                loss, grads = _shard_step(replica, x, y, seed, training)
                 for name, g in grads.items():  # w_i dW_i
                     np.multiply(g, g.dtype.type(weight), out=grads_out[name])
                 value = float(loss)
