@@ -23,7 +23,6 @@ of kernels/attention.cu; tinylm/flash.py is the same algorithm in NumPy.
 
 from __future__ import annotations
 
-import importlib.resources
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +46,11 @@ _smem_limit: dict[int, int] = {}
 
 
 def kernel_source_path() -> Path:
-    """Where kernels/attention.cu is: inside the installed package, or in a plain checkout."""
-    try:
-        resource = importlib.resources.files("tinylm.kernels") / _KERNEL_FILE
-        if resource.is_file():
-            return Path(str(resource))
-    except ModuleNotFoundError:  # a checkout on PYTHONPATH has no package tinylm.kernels
-        pass
-    return Path(__file__).resolve().parent.parent / "kernels" / _KERNEL_FILE
+    """Where kernels/attention.cu is: tinylm/kernels/ in an installed wheel, kernels/ beside
+    tinylm/ in a checkout (an editable install reads it there too)."""
+    package_dir = Path(__file__).resolve().parent
+    installed = package_dir / "kernels" / _KERNEL_FILE
+    return installed if installed.is_file() else package_dir.parent / "kernels" / _KERNEL_FILE
 
 
 def _threads(head_size: int) -> int:

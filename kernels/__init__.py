@@ -1,1 +1,0 @@
-"""CUDA sources shipped with tinylm (see tinylm.cuda)."""
