@@ -321,6 +321,30 @@ def test_loss_is_the_sum_of_the_two_cross_entropies():
     assert abs(float(loss) - (mean_ce(mlm_logits, mlm) + mean_ce(nsp_logits, nsp))) < 1e-12
 
 
+@pytest.mark.parametrize("call", ["forward", "classify"])
+def test_a_forward_frees_the_last_ones_caches_before_making_new_ones(monkeypatch, call):
+    """One step's activations are held at a time, not two (the memory of a step is reused)."""
+    import weakref
+
+    model = random_model()
+    idx, types, mask, mlm, nsp = gradcheck.tiny_bert_batch(np.random.default_rng(3))
+    model.forward(idx, types, mask, mlm, nsp)
+    last_probs = weakref.ref(model._caches["mlm_loss"][0])  # made by the loss, held by the cache
+    seen = []
+    real = layers.layernorm_forward
+
+    def watching(*args, **kwargs):
+        seen.append(last_probs() is None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "layernorm_forward", watching)
+    if call == "forward":
+        model.forward(idx, types, mask, mlm, nsp)
+    else:
+        model.classify(idx, types, mask, labels=np.zeros(len(idx), dtype=np.int64))
+    assert seen and all(seen)  # already gone at the first layer norm (the embeddings')
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 

@@ -473,6 +473,45 @@ def test_backward_needs_a_forward_with_targets():
         model.backward()
 
 
+def test_a_forward_lets_the_last_ones_caches_go_block_by_block(monkeypatch):
+    """Each block's activations from the step before are freed before the next block is
+    computed (their memory is reused at once), and the head's and loss's before the first."""
+    import copy
+    import weakref
+
+    from tinylm import layers
+
+    model = random_model(n_layer=3)
+    idx = np.random.default_rng(0).integers(0, V, size=(2, BLOCK))
+    model.forward(idx, np.roll(idx, -1, axis=1))
+    old = model._caches
+    # the last step's GELU inputs, one per block, and its loss's probabilities
+    gelu_inputs = [weakref.ref(old[i]["gelu"][0]) for i in range(3)]
+    loss_probs = weakref.ref(old["loss"][0])
+    del old
+    alive_at_gelu = []  # at block i's GELU: which old blocks' inputs are still alive
+    real_gelu = layers.gelu_forward
+
+    def watching_gelu(x):
+        assert loss_probs() is None
+        alive_at_gelu.append([ref() is not None for ref in gelu_inputs])
+        return real_gelu(x)
+
+    monkeypatch.setattr(layers, "gelu_forward", watching_gelu)
+    model.forward(idx, np.roll(idx, -1, axis=1))
+    # block 0 computes while all three old blocks live; block 1 after old block 0 went, ...
+    assert alive_at_gelu == [[True, True, True], [False, True, True], [False, False, True]]
+    assert all(ref() is None for ref in gelu_inputs)  # and nothing of the old step is left
+
+    # a copy sharing the caches dict (copy.copy) does not take the original's caches with it
+    monkeypatch.setattr(layers, "gelu_forward", real_gelu)
+    twin = copy.copy(model)
+    want = model.backward()
+    twin.forward(idx[:1], np.roll(idx, -1, axis=1)[:1])
+    got = model.backward()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

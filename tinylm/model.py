@@ -429,15 +429,19 @@ class GPT:
         xp = get_array_module(self.params["wte.weight"])
         return xp.zeros(C, dtype=self.dtype)
 
-    def _hidden(self, idx, caches, kv_caches=None, pos0=0):
+    def _hidden(self, idx, caches, kv_caches=None, pos0=0, spent=None):
         """The residual stream after the last block (B, T, C): embeddings, then n_layer blocks.
 
         The one loop over the blocks, shared by training (caches kept for backward) and
         generation (kv_caches, one dict per layer, and pos0, the position of idx's first token).
+        spent, when given, is the previous forward's caches: each of its layers is let go as
+        soon as the new one is made (see features).
         """
         x = self._embed(idx, pos0, caches)
         for i in range(self.config.n_layer):
             x = self._block(x, i, caches, kv_caches[i] if kv_caches is not None else None)
+            if spent is not None:
+                spent.pop(i, None)
         return x
 
     def _final_norm(self, x, caches):
@@ -467,8 +471,16 @@ class GPT:
         ``backward_features(dfeatures)`` gives the parameter gradients of any loss of them.
         """
         self._check_idx(idx)
+        # The last forward's block caches (B, T, ...) are let go one block at a time while the
+        # new ones are made, so each freed block's memory is reused at once by the next block's
+        # arrays. Dropped all at once, they would leave a free block so large that glibc's
+        # malloc hands it back to the operating system, and the step after would fault it in
+        # again page by page (a tenth of a step, measured on a VM); kept to the end, a forward
+        # would hold two copies of every activation. The rest (embeddings, head, loss) goes now.
+        spent = {i: c for i, c in (self._caches or {}).items() if isinstance(i, int)}
+        self._caches = None
         caches = {}
-        xf = self._final_norm(self._hidden(idx, caches), caches)
+        xf = self._final_norm(self._hidden(idx, caches, spent=spent), caches)
         self._caches = caches
         return xf
 

@@ -67,8 +67,7 @@ def _shard_step(replica, x, y, seed, training):
     replica.dropout_rng = np.random.default_rng(seed)
     _, loss = replica.forward(x, y)
     grads = replica.backward()
-    replica._caches = None  # the activations are not needed after the backward
-    return loss, grads
+    return loss, grads  # (the activations stay until the next forward lets them go, layer by layer)
 
 
 def _cores() -> int:
