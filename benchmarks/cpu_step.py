@@ -288,10 +288,24 @@ def torch_profile(model, idx, targets, n_steps, top=12):
 # A worker: one process, one way of stepping one model; the parent tells it when to run
 
 
+def peak_rss_mb():
+    """This process's peak resident memory so far, in MB: VmHWM on Linux (ru_maxrss there
+    carries the parent's peak over into a new process), else ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 def worker(kind, size, threads):
     """Serve the parent's commands on stdin, one JSON reply per line on stdout.
 
-    "steps K": run K timed steps; reply {"seconds": [...], "minor_faults": n}.
+    "steps K": run K timed steps; reply {"seconds": [...], "minor_faults": n, "max_rss_mb": m}.
     "profile K": reply the raw per-layer profile of K steps (tinylm) or torch.profiler's table.
     "loss": reply the loss of the batch (the same weights give the same loss in every worker).
     """
@@ -344,7 +358,7 @@ def worker(kind, size, threads):
                 step()
                 seconds.append(time.perf_counter() - t0)
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-            reply = {"seconds": seconds, "minor_faults": faults}
+            reply = {"seconds": seconds, "minor_faults": faults, "max_rss_mb": peak_rss_mb()}
         elif command == "profile":
             if kind == "torch":
                 reply = {"ops": torch_profile(tmodel, t_idx, t_targets, int(arg))}
@@ -396,13 +410,14 @@ def measure_size(size, kinds, rounds, threads, profile_steps_n):
         per_turn = max(1, round(TURN_SECONDS / probe))
         if not profile_steps_n:  # torch.profiler's: about PROFILE_SECONDS of steps, at least 5
             profile_steps_n = max(5, round(PROFILE_SECONDS / probe))
-        seconds, faults = defaultdict(list), defaultdict(list)
+        seconds, faults, max_rss_mb = defaultdict(list), defaultdict(list), {}
         for _ in range(rounds):
             for kind, w in workers.items():
                 time.sleep(PAUSE_SECONDS)
                 reply = w.ask(f"steps {per_turn}")
                 seconds[kind] += reply["seconds"]
                 faults[kind].append(reply["minor_faults"] / per_turn)
+                max_rss_mb[kind] = reply["max_rss_mb"]  # the peak so far: the last is the peak
         # The per-layer profile, in turns as well, so that a burst of load elsewhere falls on
         # a few of its steps only; torch.profiler's table once at the end.
         raw = defaultdict(list)
@@ -423,6 +438,7 @@ def measure_size(size, kinds, rounds, threads, profile_steps_n):
     for kind in kinds:
         out[f"{kind}_ms_per_step"] = 1e3 * statistics.median(seconds[kind])
         out[f"{kind}_minor_faults_per_step"] = statistics.median(faults[kind])
+        out[f"{kind}_max_rss_mb"] = max_rss_mb[kind]
     if "torch" in kinds:
         for kind in kinds:
             if kind != "torch":
@@ -531,6 +547,8 @@ def main(argv=None):
         print(line)
         print("  minor page faults per step: " + ", ".join(
             f"{k} {row[f'{k}_minor_faults_per_step']:,.0f}" for k in kinds))
+        print("  peak resident memory, MB (the process stepping shard 0; worker processes not "
+              "counted): " + ", ".join(f"{k} {row[f'{k}_max_rss_mb']:,.0f}" for k in kinds))
         print("  % of matmul throughput: " + ", ".join(
             f"{k} {100 * row[f'{k}_fraction_of_matmul']:.1f}%" for k in kinds))
         print(f"  losses (same weights, same batch): {m['loss']}")

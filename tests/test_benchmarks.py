@@ -127,3 +127,16 @@ def test_profile_cpu_steps_a_tiny_model_and_counts_its_faults():
         r = profile_cpu.run_variant("plain", TINY, steps=2, keep_grads=keep)
         assert len(r["ms"]) == len(r["faults"]) == 2
         assert all(ms > 0 for ms in r["ms"]) and all(f >= 0 for f in r["faults"])
+
+
+def test_peak_rss_is_a_new_process_own_and_grows_with_an_array():
+    """In a fresh process (so that no earlier test's peak hides the growth): the peak starts
+    small, not at the parent's, and a touched 64 MB array raises it by about that much."""
+    import subprocess
+
+    code = ("import cpu_step, numpy as np; before = cpu_step.peak_rss_mb(); "
+            "block = np.ones(64 * 2**20 // 8); print(before, cpu_step.peak_rss_mb())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(cpu_step.__file__).parent).stdout
+    before, after = map(float, out.split())
+    assert 1 < before < 1000 and after >= before + 60
