@@ -20,8 +20,10 @@ For each model size this times the same step five ways, each in a process of its
 float32, the same number of threads everywhere (OPENBLAS_NUM_THREADS for NumPy,
 torch.set_num_threads for torch). The processes take turns (a few steps each, then a pause so
 the last one's idle BLAS threads stop spinning), so a neighbour's load falls on all three; each
-figure is the median over every timed step. Printed per size: ms/step, the ratios to torch, the
-achieved GFLOP/s as a fraction of this machine's float32 matmul throughput, and then a
+figure is the median over every timed step. Printed per size: ms/step, the ratios to torch, page
+faults per step, the peak resident memory of the process that steps (shard 0's for the data-
+parallel ways), the achieved GFLOP/s as a fraction of this machine's float32 matmul throughput,
+and then a
 per-layer profile of tinylm's step (forward and backward of each kind of layer, timed by
 wrapping tinylm.layers' functions in the worker; layers.py itself is not changed).
 
