@@ -21,11 +21,11 @@ float32, the same number of threads everywhere (OPENBLAS_NUM_THREADS for NumPy,
 torch.set_num_threads for torch). The processes take turns (a few steps each, then a pause so
 the last one's idle BLAS threads stop spinning), so a neighbour's load falls on all three; each
 figure is the median over every timed step. Printed per size: ms/step, the ratios to torch, page
-faults per step, the peak resident memory of the process that steps (shard 0's for the data-
-parallel ways), the achieved GFLOP/s as a fraction of this machine's float32 matmul throughput,
-and then a
-per-layer profile of tinylm's step (forward and backward of each kind of layer, timed by
-wrapping tinylm.layers' functions in the worker; layers.py itself is not changed).
+faults per step, the peak resident memory of the process that steps (shard 0's for the
+data-parallel ways; torch's includes libtorch itself, a few hundred MiB), the achieved GFLOP/s
+as a fraction of this machine's float32 matmul throughput, and then a per-layer profile of
+tinylm's step (forward and backward of each kind of layer, timed by wrapping tinylm.layers'
+functions in the worker; layers.py itself is not changed).
 
 FLOPs counted (a multiply-add is 2 FLOPs), per step, N = B*T tokens:
     forward, per layer:  qkv 2*N*C*3C + scores 2*B*H*T*T*D + P@V 2*B*H*T*T*D
@@ -290,8 +290,8 @@ def torch_profile(model, idx, targets, n_steps, top=12):
 # A worker: one process, one way of stepping one model; the parent tells it when to run
 
 
-def peak_rss_mb():
-    """This process's peak resident memory so far, in MB: VmHWM on Linux (ru_maxrss there
+def peak_rss_mib():
+    """This process's peak resident memory so far, in MiB: VmHWM on Linux (ru_maxrss there
     carries the parent's peak over into a new process), else ru_maxrss (bytes on macOS)."""
     try:
         with open("/proc/self/status") as f:
@@ -307,7 +307,7 @@ def peak_rss_mb():
 def worker(kind, size, threads):
     """Serve the parent's commands on stdin, one JSON reply per line on stdout.
 
-    "steps K": run K timed steps; reply {"seconds": [...], "minor_faults": n, "max_rss_mb": m}.
+    "steps K": run K timed steps; reply {"seconds": [...], "minor_faults": n, "peak_rss_mib": m}.
     "profile K": reply the raw per-layer profile of K steps (tinylm) or torch.profiler's table.
     "loss": reply the loss of the batch (the same weights give the same loss in every worker).
     """
@@ -360,7 +360,7 @@ def worker(kind, size, threads):
                 step()
                 seconds.append(time.perf_counter() - t0)
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-            reply = {"seconds": seconds, "minor_faults": faults, "max_rss_mb": peak_rss_mb()}
+            reply = {"seconds": seconds, "minor_faults": faults, "peak_rss_mib": peak_rss_mib()}
         elif command == "profile":
             if kind == "torch":
                 reply = {"ops": torch_profile(tmodel, t_idx, t_targets, int(arg))}
@@ -412,14 +412,14 @@ def measure_size(size, kinds, rounds, threads, profile_steps_n):
         per_turn = max(1, round(TURN_SECONDS / probe))
         if not profile_steps_n:  # torch.profiler's: about PROFILE_SECONDS of steps, at least 5
             profile_steps_n = max(5, round(PROFILE_SECONDS / probe))
-        seconds, faults, max_rss_mb = defaultdict(list), defaultdict(list), {}
+        seconds, faults, peaks = defaultdict(list), defaultdict(list), {}
         for _ in range(rounds):
             for kind, w in workers.items():
                 time.sleep(PAUSE_SECONDS)
                 reply = w.ask(f"steps {per_turn}")
                 seconds[kind] += reply["seconds"]
                 faults[kind].append(reply["minor_faults"] / per_turn)
-                max_rss_mb[kind] = reply["max_rss_mb"]  # the peak so far: the last is the peak
+                peaks[kind] = reply["peak_rss_mib"]  # the peak so far: the last one is the peak
         # The per-layer profile, in turns as well, so that a burst of load elsewhere falls on
         # a few of its steps only; torch.profiler's table once at the end.
         raw = defaultdict(list)
@@ -440,7 +440,7 @@ def measure_size(size, kinds, rounds, threads, profile_steps_n):
     for kind in kinds:
         out[f"{kind}_ms_per_step"] = 1e3 * statistics.median(seconds[kind])
         out[f"{kind}_minor_faults_per_step"] = statistics.median(faults[kind])
-        out[f"{kind}_max_rss_mb"] = max_rss_mb[kind]
+        out[f"{kind}_peak_rss_mib"] = peaks[kind]
     if "torch" in kinds:
         for kind in kinds:
             if kind != "torch":
@@ -549,8 +549,8 @@ def main(argv=None):
         print(line)
         print("  minor page faults per step: " + ", ".join(
             f"{k} {row[f'{k}_minor_faults_per_step']:,.0f}" for k in kinds))
-        print("  peak resident memory, MB (the process stepping shard 0; worker processes not "
-              "counted): " + ", ".join(f"{k} {row[f'{k}_max_rss_mb']:,.0f}" for k in kinds))
+        print("  peak resident memory, MiB (the process stepping shard 0; worker processes not "
+              "counted): " + ", ".join(f"{k} {row[f'{k}_peak_rss_mib']:,.0f}" for k in kinds))
         print("  % of matmul throughput: " + ", ".join(
             f"{k} {100 * row[f'{k}_fraction_of_matmul']:.1f}%" for k in kinds))
         print(f"  losses (same weights, same batch): {m['loss']}")

@@ -134,8 +134,8 @@ def test_peak_rss_is_a_new_process_own_and_grows_with_an_array():
     small, not at the parent's, and a touched 64 MB array raises it by about that much."""
     import subprocess
 
-    code = ("import cpu_step, numpy as np; before = cpu_step.peak_rss_mb(); "
-            "block = np.ones(64 * 2**20 // 8); print(before, cpu_step.peak_rss_mb())")
+    code = ("import cpu_step, numpy as np; before = cpu_step.peak_rss_mib(); "
+            "block = np.ones(64 * 2**20 // 8); print(before, cpu_step.peak_rss_mib())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(cpu_step.__file__).parent).stdout
     before, after = map(float, out.split())

@@ -329,12 +329,16 @@ def test_a_forward_frees_the_last_ones_caches_before_making_new_ones(monkeypatch
     model = random_model()
     idx, types, mask, mlm, nsp = gradcheck.tiny_bert_batch(np.random.default_rng(3))
     model.forward(idx, types, mask, mlm, nsp)
-    last_probs = weakref.ref(model._caches["mlm_loss"][0])  # made by the loss, held by the cache
+    # arrays only the caches hold: the loss's probabilities, each encoder layer's attention
+    last = [weakref.ref(model._caches["mlm_loss"][0])] + [
+        weakref.ref(cache[3]) for key, cache in model._caches.items() if key.endswith("attention")
+    ]
+    assert len(last) == 1 + model.config.num_hidden_layers
     seen = []
     real = layers.layernorm_forward
 
     def watching(*args, **kwargs):
-        seen.append(last_probs() is None)
+        seen.append(all(ref() is None for ref in last))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(layers, "layernorm_forward", watching)
@@ -343,6 +347,17 @@ def test_a_forward_frees_the_last_ones_caches_before_making_new_ones(monkeypatch
     else:
         model.classify(idx, types, mask, labels=np.zeros(len(idx), dtype=np.int64))
     assert seen and all(seen)  # already gone at the first layer norm (the embeddings')
+
+
+def test_a_bad_input_keeps_the_last_caches():
+    model = random_model()
+    idx, types, mask, mlm, nsp = gradcheck.tiny_bert_batch(np.random.default_rng(3))
+    model.forward(idx, types, mask, mlm, nsp)
+    want = model.backward()
+    with pytest.raises(ValueError, match="idx"):
+        model.forward(idx[:, :0], types[:, :0], mask[:, :0], mlm[:, :0], nsp)
+    got = model.backward()  # the last good step's gradients, still there
+    assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,6 +55,16 @@ def test_replicas_share_the_models_arrays_and_see_its_updates():
     parallel.close()
 
 
+def test_replicas_keep_their_last_step_until_the_next_forward_or_close():
+    model = tiny_model()
+    x = np.random.default_rng(2).integers(0, V, size=(4, 8))
+    parallel = DataParallel(model, 2)
+    parallel.forward_backward(x, x)
+    assert all(replica._caches is not None for replica in parallel.replicas)  # reused next step
+    parallel.close()
+    assert all(replica._caches is None for replica in parallel.replicas)  # and let go here
+
+
 def test_dropout_masks_follow_the_models_stream_and_threads_are_restored():
     model = tiny_model(dropout=0.3)
     rng = np.random.default_rng(3)

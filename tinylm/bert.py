@@ -514,6 +514,7 @@ class Bert:
             raise ValueError("mlm_labels given, but the model has no MLM head (mlm_head=False)")
         if nsp_labels is not None and not cfg.nsp_head:
             raise ValueError("nsp_labels given, but the model has no NSP head (nsp_head=False)")
+        self._check_inputs(idx, token_type_ids, attention_mask)  # bad input keeps the caches
         self._caches = None  # the last step's activations go first: one copy held, not two
         c = {}
         hidden, pooled = self._encode(idx, token_type_ids, attention_mask, c)
@@ -542,6 +543,7 @@ class Bert:
         cfg = self.config
         if not cfg.num_labels:
             raise ValueError("classify() needs a model with a classifier (BertConfig.num_labels)")
+        self._check_inputs(idx, token_type_ids, attention_mask)  # bad input keeps the caches
         self._caches = None  # the last step's activations go first: one copy held, not two
         c = {}
         _, pooled = self._encode(idx, token_type_ids, attention_mask, c)

@@ -472,11 +472,9 @@ class GPT:
         """
         self._check_idx(idx)
         # The last forward's block caches (B, T, ...) are let go one block at a time while the
-        # new ones are made, so each freed block's memory is reused at once by the next block's
-        # arrays. Kept to the end, a forward would hold two copies of every activation (peak
-        # memory at 6x6x384: 977 MB against 643, benchmarks/results/); dropped all at once, they
-        # would leave a free block large enough for malloc to hand back to the operating
-        # system, to be faulted in again page by page. The rest (embeddings, head, loss) goes now.
+        # new ones are made, so the memory each frees can hold the next block's arrays. Kept to
+        # the end, a forward would hold two copies of every activation (peak memory at 6x6x384:
+        # 977 MiB against 643, benchmarks/results/). The rest (embeddings, head, loss) goes now.
         spent = {i: c for i, c in (self._caches or {}).items() if isinstance(i, int)}
         self._caches = None
         caches = {}

@@ -205,7 +205,10 @@ class DataParallel:
 
     def close(self):
         """Stop the threads or worker processes (they also stop when the object is
-        garbage-collected, and worker processes when this process exits)."""
+        garbage-collected, and worker processes when this process exits), and let the replicas'
+        activations go (each keeps its last step's until its next forward)."""
+        for replica in self.replicas:
+            replica._caches = None
         if self.pool is not None:
             self.pool.shutdown()
         if self.workers is not None:
