@@ -20,7 +20,8 @@ For each model size this times the same step five ways, each in a process of its
 float32, the same number of threads everywhere (OPENBLAS_NUM_THREADS for NumPy,
 torch.set_num_threads for torch). The processes take turns (a few steps each, then a pause so
 the last one's idle BLAS threads stop spinning), so a neighbour's load falls on all three; each
-figure is the median over every timed step. Printed per size: ms/step, the ratios to torch, page
+figure is the median over every timed step. Printed per size: ms/step, the ratios to torch (and
+how they spread from round to round: the median and quartiles of each round's ratio), page
 faults per step, the peak resident memory of the process that steps (shard 0's for the
 data-parallel ways; torch's includes libtorch itself, a few hundred MiB), the achieved GFLOP/s
 as a fraction of this machine's float32 matmul throughput, and then a per-layer profile of
@@ -400,6 +401,27 @@ class Worker:
         self.proc.wait()
 
 
+def ratio_spread(turns):
+    """How much each ratio moves from round to round, from each way's median step per round.
+
+    Within a round the ways run one right after the other, so load from outside falls on all of
+    them alike; the spread of the per-round ratios says how far one run's ratio can be trusted.
+    Returns {"kind/torch": {"median": m, "quartiles": [q1, q3], "rounds": n}, ...} for every way
+    over torch, and plain over the tuned one-process step, when those were timed.
+    """
+    pairs = [(kind, "torch") for kind in turns if kind != "torch" and "torch" in turns]
+    if "tinylm_plain" in turns and "tinylm" in turns:
+        pairs.append(("tinylm_plain", "tinylm"))
+    spread = {}
+    for kind, base in pairs:
+        ratios = [a / b for a, b in zip(turns[kind], turns[base], strict=True)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 \
+            else ratios * 3
+        spread[f"{kind}/{base}"] = {"median": statistics.median(ratios), "quartiles": [q1, q3],
+                                    "rounds": len(ratios)}
+    return spread
+
+
 def measure_size(size, kinds, rounds, threads, profile_steps_n):
     """Alternate the workers' turns for ``rounds`` rounds; medians, ratios, faults, profiles."""
     workers = {kind: Worker(kind, size, threads) for kind in kinds}
@@ -413,11 +435,13 @@ def measure_size(size, kinds, rounds, threads, profile_steps_n):
         if not profile_steps_n:  # torch.profiler's: about PROFILE_SECONDS of steps, at least 5
             profile_steps_n = max(5, round(PROFILE_SECONDS / probe))
         seconds, faults, peaks = defaultdict(list), defaultdict(list), {}
+        turns = defaultdict(list)  # per kind, each round's median step: for per-round ratios
         for _ in range(rounds):
             for kind, w in workers.items():
                 time.sleep(PAUSE_SECONDS)
                 reply = w.ask(f"steps {per_turn}")
                 seconds[kind] += reply["seconds"]
+                turns[kind].append(statistics.median(reply["seconds"]))
                 faults[kind].append(reply["minor_faults"] / per_turn)
                 peaks[kind] = reply["peak_rss_mib"]  # the peak so far: the last one is the peak
         # The per-layer profile, in turns as well, so that a burst of load elsewhere falls on
@@ -448,6 +472,7 @@ def measure_size(size, kinds, rounds, threads, profile_steps_n):
                                                    / out["torch_ms_per_step"])
     if "tinylm_plain" in kinds:
         out["ratio_plain_over_tinylm"] = out["tinylm_plain_ms_per_step"] / out["tinylm_ms_per_step"]
+    out["ratio_spread_by_round"] = ratio_spread(turns)
     out["profiles"] = profiles
     return out
 
@@ -547,6 +572,9 @@ def main(argv=None):
                                      for kind in kinds if kind != "torch")
         line += f"; plain/tinylm {row['ratio_plain_over_tinylm']:.2f}"
         print(line)
+        print("  ratio per round, median [quartiles]: " + ", ".join(
+            f"{pair} {r['median']:.2f} [{r['quartiles'][0]:.2f}, {r['quartiles'][1]:.2f}]"
+            for pair, r in row["ratio_spread_by_round"].items()))
         print("  minor page faults per step: " + ", ".join(
             f"{k} {row[f'{k}_minor_faults_per_step']:,.0f}" for k in kinds))
         print("  peak resident memory, MiB (the process stepping shard 0; worker processes not "

@@ -140,3 +140,16 @@ def test_peak_rss_is_a_new_process_own_and_grows_with_an_array():
                          cwd=Path(cpu_step.__file__).parent).stdout
     before, after = map(float, out.split())
     assert 1 < before < 1000 and after >= before + 60
+
+
+def test_ratio_spread_takes_each_rounds_ratio():
+    turns = {"tinylm": [2.0, 2.0, 4.0, 2.0], "tinylm_plain": [2.2, 2.0, 4.4, 2.4],
+             "torch": [2.0, 1.0, 4.0, 2.0]}
+    spread = cpu_step.ratio_spread(turns)
+    assert set(spread) == {"tinylm/torch", "tinylm_plain/torch", "tinylm_plain/tinylm"}
+    # per round: tinylm/torch 1, 2, 1, 1; plain/tinylm 1.1, 1, 1.1, 1.2
+    assert spread["tinylm/torch"]["median"] == 1.0 and spread["tinylm/torch"]["rounds"] == 4
+    assert abs(spread["tinylm_plain/tinylm"]["median"] - 1.1) < 1e-12
+    q1, q3 = spread["tinylm_plain/tinylm"]["quartiles"]
+    assert q1 <= 1.1 <= q3 and q1 >= 1.0 and q3 <= 1.2
+    assert cpu_step.ratio_spread({"tinylm": [1.0]}) == {}  # nothing to compare with
