@@ -415,8 +415,10 @@ def ratio_spread(turns):
     spread = {}
     for kind, base in pairs:
         ratios = [a / b for a, b in zip(turns[kind], turns[base], strict=True)]
-        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 \
-            else ratios * 3
+        if len(ratios) > 1:
+            q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        else:  # one round: its ratio is every quartile
+            q1 = q3 = ratios[0]
         spread[f"{kind}/{base}"] = {"median": statistics.median(ratios), "quartiles": [q1, q3],
                                     "rounds": len(ratios)}
     return spread

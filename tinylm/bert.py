@@ -456,9 +456,10 @@ class Bert:
         o = self._dropout(o, p_drop, c, p + "output.dropout")
         return self._layernorm(x + o, p + "output.LayerNorm", c)
 
-    def _encode(self, idx, token_type_ids, attention_mask, c, with_pooler=True):
-        """hidden (B, T, C) and pooled (B, C) (None without the pooler); caches go into c."""
-        token_type_ids, real = self._check_inputs(idx, token_type_ids, attention_mask)
+    def _encode(self, idx, token_type_ids, attention_mask, c, with_pooler=True, checked=None):
+        """hidden (B, T, C) and pooled (B, C) (None without the pooler); caches go into c.
+        checked: what _check_inputs returned for these inputs, when the caller has run it."""
+        token_type_ids, real = checked or self._check_inputs(idx, token_type_ids, attention_mask)
         xp = self.xp
         start = xp.argmax(real, axis=1)  # (B,), each sequence's first real token
         key_padding_mask = None if attention_mask is None else ~real  # True = padded key
@@ -514,10 +515,10 @@ class Bert:
             raise ValueError("mlm_labels given, but the model has no MLM head (mlm_head=False)")
         if nsp_labels is not None and not cfg.nsp_head:
             raise ValueError("nsp_labels given, but the model has no NSP head (nsp_head=False)")
-        self._check_inputs(idx, token_type_ids, attention_mask)  # bad input keeps the caches
+        checked = self._check_inputs(idx, token_type_ids, attention_mask)  # bad input: caches kept
         self._caches = None  # the last step's activations go first: one copy held, not two
         c = {}
-        hidden, pooled = self._encode(idx, token_type_ids, attention_mask, c)
+        hidden, pooled = self._encode(idx, token_type_ids, attention_mask, c, checked=checked)
         mlm_logits = self._mlm_head(hidden, c) if cfg.mlm_head else None
         nsp_logits = self._dense(pooled, "cls.seq_relationship", c) if cfg.nsp_head else None
         loss = None
@@ -543,10 +544,10 @@ class Bert:
         cfg = self.config
         if not cfg.num_labels:
             raise ValueError("classify() needs a model with a classifier (BertConfig.num_labels)")
-        self._check_inputs(idx, token_type_ids, attention_mask)  # bad input keeps the caches
+        checked = self._check_inputs(idx, token_type_ids, attention_mask)  # bad input: caches kept
         self._caches = None  # the last step's activations go first: one copy held, not two
         c = {}
-        _, pooled = self._encode(idx, token_type_ids, attention_mask, c)
+        _, pooled = self._encode(idx, token_type_ids, attention_mask, c, checked=checked)
         p_drop = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else \
             cfg.classifier_dropout
         pooled = self._dropout(pooled, p_drop, c, "classifier.dropout")
